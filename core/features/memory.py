@@ -1,0 +1,203 @@
+"""In-process feature store: per key, time-sorted lists with prefix sums.
+
+Why this layout: appends (the common, in-order case) are O(1) list appends; every window read is two binary
+searches plus prefix-sum differences, so it costs O(log n) whatever the window holds; eviction only moves a head
+index and compacts the lists once half of them is dead (amortised O(1)). Sums are kept of ``value - shift`` (the
+key's first value) so the variance ``E[x^2] - E[x]^2`` does not cancel catastrophically for large values.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_right
+from collections.abc import Sequence
+
+from core.features.store import FEATURE_STORE_BACKENDS, FeatureStore, Key, broadcast_now, check_batch
+from core.features.windows import StoreStats, WindowFeatures, WindowSpec, check_event
+
+__all__ = ["MemoryFeatureStore"]
+
+_COMPACT_MIN = 32  # dead entries before compaction is worth a list copy
+
+
+class _KeyState:
+    __slots__ = ("ts", "values", "cum", "cum2", "distinct", "head", "max_ts", "shift")
+
+    def __init__(self, shift: float, *, track_distinct: bool) -> None:
+        self.ts: list[float] = []
+        self.values: list[float] = []
+        self.cum: list[float] = [0.0]  # cum[i] = sum(values[:i] - shift)
+        self.cum2: list[float] = [0.0]  # same for squares
+        self.distinct: list[str] | None = [] if track_distinct else None
+        self.head = 0  # entries before head are evicted
+        self.max_ts = -math.inf
+        self.shift = shift
+
+
+class _SpecState:
+    __slots__ = ("spec", "keys", "accepted", "rejected_late", "empty")
+
+    def __init__(self, spec: WindowSpec) -> None:
+        self.spec = spec
+        self.keys: dict[Key, _KeyState] = {}
+        self.accepted = 0
+        self.rejected_late = 0
+        zeros = (0.0,) * len(spec.windows)
+        self.empty = WindowFeatures(
+            counts=(0,) * len(spec.windows),
+            sums=zeros,
+            means=zeros,
+            stds=zeros,
+            distinct=(0,) * len(spec.windows) if spec.track_distinct else None,
+            last_ts=(),
+            last_values=(),
+            last_distinct=() if spec.track_distinct else None,
+            time_since_last=math.inf,
+        )
+
+
+@FEATURE_STORE_BACKENDS.register("memory")
+class MemoryFeatureStore(FeatureStore):
+    """Feature store in this process's memory (the default backend); not shared between processes."""
+
+    def __init__(self) -> None:
+        self._specs: dict[str, _SpecState] = {}
+
+    def _state(self, spec: WindowSpec) -> _SpecState:
+        st = self._specs.get(spec.name)
+        if st is None:
+            st = self._specs[spec.name] = _SpecState(spec)
+        elif st.spec is not spec and st.spec != spec:
+            raise ValueError(f"spec name {spec.name!r} is already used with {st.spec}; got {spec}")
+        return st
+
+    def update(self, spec: WindowSpec, key: Key, *, ts: float, value: float, distinct: str | None = None) -> bool:
+        check_event(spec, ts, value, distinct)
+        return _insert(self._state(spec), key, float(ts), float(value), distinct)
+
+    def update_many(
+        self,
+        spec: WindowSpec,
+        *,
+        keys: Sequence[Key],
+        ts: Sequence[float],
+        values: Sequence[float],
+        distinct: Sequence[str] | None = None,
+    ) -> int:
+        check_batch(keys, ts=ts, values=values, distinct=distinct)
+        st = self._state(spec)
+        accepted = 0
+        for i, key in enumerate(keys):
+            d = distinct[i] if distinct is not None else None
+            t, v = float(ts[i]), float(values[i])
+            check_event(spec, t, v, d)
+            accepted += _insert(st, key, t, v, d)
+        return accepted
+
+    def read(self, spec: WindowSpec, key: Key, *, now: float) -> WindowFeatures:
+        st = self._state(spec)
+        ks = st.keys.get(key)
+        return st.empty if ks is None else _features(spec, ks, float(now))
+
+    def read_many(self, spec: WindowSpec, *, keys: Sequence[Key], now: float | Sequence[float]) -> list[WindowFeatures]:
+        st = self._state(spec)
+        nows = broadcast_now(now, len(keys))
+        out = []
+        for key, t in zip(keys, nows, strict=True):
+            ks = st.keys.get(key)
+            out.append(st.empty if ks is None else _features(spec, ks, float(t)))
+        return out
+
+    def stats(self, spec: WindowSpec) -> StoreStats:
+        st = self._state(spec)
+        return StoreStats(accepted=st.accepted, rejected_late=st.rejected_late)
+
+    def clear(self, spec: WindowSpec) -> None:
+        self._specs.pop(spec.name, None)
+
+
+def _insert(st: _SpecState, key: Key, ts: float, value: float, distinct: str | None) -> bool:
+    ks = st.keys.get(key)
+    if ks is None:
+        ks = st.keys[key] = _KeyState(value, track_distinct=st.spec.track_distinct)
+    if ts >= ks.max_ts:  # in order: the hot path
+        d = value - ks.shift
+        ks.ts.append(ts)
+        ks.values.append(value)
+        ks.cum.append(ks.cum[-1] + d)
+        ks.cum2.append(ks.cum2[-1] + d * d)
+        if ks.distinct is not None:
+            ks.distinct.append(distinct)  # type: ignore[arg-type]  # check_event guarantees a str here
+        ks.max_ts = ts
+        horizon = ts - st.spec.retention
+        if ks.ts[ks.head] <= horizon:
+            _evict(ks, horizon)
+    elif ts >= ks.max_ts - st.spec.allowed_lateness:
+        _insert_late(ks, ts, value, distinct)
+    else:
+        st.rejected_late += 1
+        return False
+    st.accepted += 1
+    return True
+
+
+def _insert_late(ks: _KeyState, ts: float, value: float, distinct: str | None) -> None:
+    # After equal timestamps, so ties keep arrival order; only the (short) suffix of prefix sums moves.
+    i = bisect_right(ks.ts, ts, ks.head)
+    d = value - ks.shift
+    ks.ts.insert(i, ts)
+    ks.values.insert(i, value)
+    if ks.distinct is not None:
+        ks.distinct.insert(i, distinct)  # type: ignore[arg-type]
+    for cum, inc in ((ks.cum, d), (ks.cum2, d * d)):
+        cum.insert(i + 1, cum[i] + inc)
+        for j in range(i + 2, len(cum)):
+            cum[j] += inc
+
+
+def _evict(ks: _KeyState, horizon: float) -> None:
+    ks.head = h = bisect_right(ks.ts, horizon, ks.head)
+    if h < _COMPACT_MIN or 2 * h < len(ks.ts):
+        return
+    del ks.ts[:h], ks.values[:h]
+    if ks.distinct is not None:
+        del ks.distinct[:h]
+    base, base2 = ks.cum[h], ks.cum2[h]
+    ks.cum = [c - base for c in ks.cum[h:]]
+    ks.cum2 = [c - base2 for c in ks.cum2[h:]]
+    ks.head = 0
+
+
+def _features(spec: WindowSpec, ks: _KeyState, now: float) -> WindowFeatures:
+    ts, cum, cum2, head, shift = ks.ts, ks.cum, ks.cum2, ks.head, ks.shift
+    hi = bisect_right(ts, now, head)
+    counts, sums, means, stds, dist = [], [], [], [], []
+    for w in spec.windows:
+        lo = bisect_right(ts, now - w, head, hi)
+        n = hi - lo
+        counts.append(n)
+        if n:
+            m = (cum[hi] - cum[lo]) / n
+            var = (cum2[hi] - cum2[lo]) / n - m * m
+            sums.append(cum[hi] - cum[lo] + n * shift)
+            means.append(m + shift)
+            stds.append(math.sqrt(var) if n > 1 and var > 0.0 else 0.0)
+        else:
+            sums.append(0.0)
+            means.append(0.0)
+            stds.append(0.0)
+        if ks.distinct is not None:
+            dist.append(len(set(ks.distinct[lo:hi])))
+    first = max(head, hi - spec.last_n)
+    last = spec.last_n > 0
+    return WindowFeatures(
+        counts=tuple(counts),
+        sums=tuple(sums),
+        means=tuple(means),
+        stds=tuple(stds),
+        distinct=tuple(dist) if ks.distinct is not None else None,
+        last_ts=tuple(ts[first:hi]) if last else (),
+        last_values=tuple(ks.values[first:hi]) if last else (),
+        last_distinct=(tuple(ks.distinct[first:hi]) if last else ()) if ks.distinct is not None else None,
+        time_since_last=now - ts[hi - 1] if hi > head else math.inf,
+    )

@@ -1,0 +1,130 @@
+"""Loss scaling owned by Keel, inside Lightning's precision plugins.
+
+Lightning's own fp16 plugin steps the LR scheduler even when the GradScaler skipped the optimizer
+step (Lightning-AI/pytorch-lightning#18828) and only scales on CUDA. Keel's plugins keep
+Lightning's autocast / dtype handling but run one ``torch.amp.GradScaler`` themselves, on any
+device, and record whether the last optimizer step was skipped, so the scheduler can stay put.
+
+``loss_scaling``: ``"dynamic"`` (grow x2 every 2000 clean steps, halve and skip on inf/NaN), a
+float (static scale; inf/NaN steps are still skipped), or ``None`` (no scaler, no skipping). With
+fp32/bf16 the scaler's job is the inf/NaN guard: scaling by a power of two is exact there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision
+from lightning.pytorch.plugins.precision import Precision as PLPrecision
+from torch.optim import Optimizer
+
+__all__ = ["LossScaling", "build_precision_plugin", "check_loss_scaling"]
+
+LossScaling = str | float | None
+
+
+def check_loss_scaling(loss_scaling: LossScaling) -> LossScaling:
+    """Validate a ``loss_scaling`` value; return it unchanged."""
+    if loss_scaling is None or loss_scaling == "dynamic":
+        return loss_scaling
+    if isinstance(loss_scaling, int | float) and not isinstance(loss_scaling, bool) and loss_scaling > 0:
+        return float(loss_scaling)
+    raise ValueError(f"loss_scaling must be 'dynamic', a positive float (static scale) or None, got {loss_scaling!r}")
+
+
+class _KeelLossScaling:
+    """Mixin placed before a Lightning precision plugin in the MRO; adds the Keel-owned scaler."""
+
+    keel_scaler: torch.amp.GradScaler | None
+    static_scale: float | None
+    last_step_skipped: bool
+    skipped_steps: int
+
+    def _init_scaling(self, loss_scaling: LossScaling, device_type: str) -> None:
+        self.static_scale = loss_scaling if isinstance(loss_scaling, float) else None
+        self.keel_scaler = None
+        if loss_scaling is not None:
+            init = self.static_scale if self.static_scale is not None else 2.0**16
+            self.keel_scaler = torch.amp.GradScaler(device_type, init_scale=init)
+        self.last_step_skipped = False
+        self.skipped_steps = 0
+
+    @property
+    def loss_scale(self) -> float | None:
+        """The current loss scale (None without a scaler)."""
+        return self.keel_scaler.get_scale() if self.keel_scaler is not None else None
+
+    def pre_backward(self, tensor: torch.Tensor, module: pl.LightningModule) -> torch.Tensor:
+        if self.keel_scaler is not None:
+            tensor = self.keel_scaler.scale(tensor)
+        return super().pre_backward(tensor, module)  # type: ignore[misc]
+
+    def optimizer_step(
+        self, optimizer: Optimizer, model: pl.LightningModule, closure: Callable[[], Any], **kwargs: Any
+    ) -> Any:
+        scaler = self.keel_scaler
+        if scaler is None:
+            self.last_step_skipped = False
+            return super().optimizer_step(optimizer, model, closure, **kwargs)  # type: ignore[misc]
+        closure_result = closure()  # automatic optimization: forward + backward happen here
+        if model.automatic_optimization and closure_result is None:
+            return None  # training_step returned None: nothing to step
+        scaler.unscale_(optimizer)  # so clipping and on_before_optimizer_step see true gradients
+        self._after_closure(model, optimizer)  # type: ignore[attr-defined]
+        # GradScaler keeps the inf check per device; read it before update() clears it.
+        found_inf = sum(v.item() for v in scaler._found_inf_per_device(optimizer).values()) > 0
+        out = scaler.step(optimizer, **kwargs)
+        scaler.update(new_scale=self.static_scale)
+        self.last_step_skipped = found_inf
+        self.skipped_steps += int(found_inf)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.keel_scaler is None:
+            return {}
+        return {"scaler": self.keel_scaler.state_dict(), "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.keel_scaler is not None and state_dict:
+            self.keel_scaler.load_state_dict(state_dict["scaler"])
+            self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+
+
+class KeelPrecision32(_KeelLossScaling, PLPrecision):  # type: ignore[misc]  # Lightning's own overrides differ the same way
+    """fp32 training with Keel's loss scaler / inf guard."""
+
+    def __init__(self, loss_scaling: LossScaling, device_type: str) -> None:
+        super().__init__()
+        self._init_scaling(loss_scaling, device_type)
+
+
+class KeelMixedPrecision(_KeelLossScaling, MixedPrecision):  # type: ignore[misc]  # Lightning's own overrides differ the same way
+    """Lightning's autocast (bf16-mixed / 16-mixed) with Keel's scaler instead of Lightning's."""
+
+    def __init__(self, precision: str, device_type: str, loss_scaling: LossScaling) -> None:
+        super().__init__(precision, device_type)  # type: ignore[arg-type]
+        self.scaler = None  # Lightning's own scaler off: ours must be the only one scaling the loss
+        self._init_scaling(loss_scaling, device_type)
+
+
+class KeelHalfPrecision(_KeelLossScaling, HalfPrecision):  # type: ignore[misc]  # Lightning's own overrides differ the same way
+    """bf16 weights and compute (``bf16-true``) with Keel's inf guard."""
+
+    def __init__(self, precision: str, device_type: str, loss_scaling: LossScaling) -> None:
+        super().__init__(precision)  # type: ignore[arg-type]
+        self._init_scaling(loss_scaling, device_type)
+
+
+def build_precision_plugin(precision: str, *, device_type: str, loss_scaling: LossScaling) -> PLPrecision:
+    """The Lightning precision plugin for a resolved precision name and a ``loss_scaling`` choice."""
+    loss_scaling = check_loss_scaling(loss_scaling)
+    if precision == "32-true":
+        return KeelPrecision32(loss_scaling, device_type)
+    if precision in ("bf16-mixed", "16-mixed"):
+        return KeelMixedPrecision(precision, device_type, loss_scaling)
+    if precision == "bf16-true":
+        return KeelHalfPrecision(precision, device_type, loss_scaling)
+    raise ValueError(f"no precision plugin for {precision!r}; expected 32-true, bf16-mixed, 16-mixed or bf16-true")
