@@ -1,7 +1,7 @@
-"""Fraud scoring under load: the highest request rate at which ``POST /fraud/v1/score`` keeps P99 <= 50 ms.
+"""Fraud scoring under load: the highest request rate at which ``POST /v1/score`` keeps P99 <= 50 ms.
 
 A real uvicorn server (``keel serve fraud``) on loopback and ``wrk`` (Debian package) as the load generator, one
-thread, with a growing number of connections; run once with micro-batching and once without (max batch 1).
+thread, with a growing number of connections; with micro-batching (max delay 0 and 2 ms) and without (max batch 1).
 
     keel bench serve_fraud                 # trains a fraud model into a temporary KEEL_HOME first
     keel bench serve_fraud --keel-home .keel --duration 10
@@ -24,6 +24,8 @@ from _common import free_port, print_table, start_server, stop_server, write_jso
 
 P99_BOUND_MS = 50.0
 UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
+# (name, max batch size, max delay ms). Delay 0: a batch takes whatever queued while the previous one ran.
+MODES = (("batched (delay 0)", 64, 0.0), ("batched (delay 2 ms)", 64, 2.0), ("unbatched", 1, 0.0))
 
 
 def lua_script(bodies: list[str]) -> str:
@@ -37,7 +39,9 @@ def lua_script(bodies: list[str]) -> str:
 
 def sample_bodies(data_csv: Path | None, n: int = 256) -> list[str]:
     from apps.fraud.data import load_ulb
+    from core.config import data_dir
 
+    data_csv = data_csv or (data_dir() or Path("../shared/data")) / "fraud" / "creditcard_ulb_sample_dev.csv"
     df = load_ulb(data_csv).drop(columns=["Class"], errors="ignore").sample(n, random_state=0)
     return [json.dumps({k: float(v) for k, v in row.items()}) for row in df.to_dict("records")]
 
@@ -61,9 +65,12 @@ def run_wrk(url: str, script: Path, *, connections: int, duration_s: int) -> dic
     }
 
 
-def sweep(mode: str, max_batch: int, *, home: Path, script: Path, duration_s: int, conns: list[int]) -> list[dict]:
+def sweep(
+    mode: str, max_batch: int, delay_ms: float, *, home: Path, script: Path, duration_s: int, conns: list[int]
+) -> list[dict]:
     port = free_port()
     env = {
+        "KEEL_MAX_DELAY_MS": str(delay_ms),
         "KEEL_HOME": str(home),
         "KEEL_MAX_BATCH_SIZE": str(max_batch),
         "OMP_NUM_THREADS": "1",
@@ -106,17 +113,13 @@ def main() -> None:
     script.write_text(lua_script(sample_bodies(args.data)))
     conns = [int(c) for c in args.connections.split(",")]
     rows = []
-    for mode, max_batch in (("batched", 64), ("unbatched", 1)):
-        rows += sweep(mode, max_batch, home=home, script=script, duration_s=args.duration, conns=conns)
+    for mode, max_batch, delay_ms in MODES:
+        rows += sweep(mode, max_batch, delay_ms, home=home, script=script, duration_s=args.duration, conns=conns)
     print_table("POST /v1/score through uvicorn + wrk (1 thread)", rows)
-    best = {m: best_rate([r for r in rows if r["mode"] == m]) for m in ("batched", "unbatched")}
-    ratio = best["batched"] / best["unbatched"] if best["unbatched"] else float("inf")
-    summary = {
-        "p99_bound_ms": P99_BOUND_MS,
-        "best_rps_batched": best["batched"],
-        "best_rps_unbatched": best["unbatched"],
-        "batching_speedup": ratio,
-    }
+    best = {mode: best_rate([r for r in rows if r["mode"] == mode]) for mode, _, _ in MODES}
+    top = max(best["batched (delay 0)"], best["batched (delay 2 ms)"])
+    ratio = top / best["unbatched"] if best["unbatched"] else float("inf")
+    summary = {"p99_bound_ms": P99_BOUND_MS, **{f"best_rps {m}": v for m, v in best.items()}, "batching_speedup": ratio}
     print_table(f"Highest rate with P99 <= {P99_BOUND_MS:g} ms", [summary])
     write_json("serve_fraud", {"summary": summary, "rows": rows})
     shutil.rmtree(tmp, ignore_errors=True)

@@ -71,9 +71,9 @@ def main() -> None:
     home = args.keel_home or tmp / "home"
     if args.keel_home is None:
         env = {**os.environ, "KEEL_HOME": str(home)}
-        subprocess.run(
-            [sys.executable, "-m", "core.cli", "train", "fraud", "--source", "simulator"], env=env, check=True
-        )
+        recipe = ["--source", "simulator", "--members", "2", "--epochs", "10", "--progress", "false"]  # demo recipe
+        subprocess.run([sys.executable, "-m", "apps.fraud.train", *recipe], env=env, check=True)
+
     os.environ["KEEL_HOME"] = str(home)
 
     from apps.fraud.data import SimulatorConfig, simulate_transactions

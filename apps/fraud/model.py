@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from apps.fraud.data import ulb_dense_features
+from apps.fraud.trees import TreeEnsemble
 from core.utils.registry import Registry
 
 Featurizer = Callable[[Sequence[dict[str, Any]]], tuple[np.ndarray, np.ndarray | None, np.ndarray | None]]
@@ -29,8 +30,6 @@ Featurizer = Callable[[Sequence[dict[str, Any]]], tuple[np.ndarray, np.ndarray |
 __all__ = [
     "FraudNetConfig",
     "FraudNet",
-    "TreeEnsemble",
-    "export_hgb",
     "FraudPredictor",
     "SCHEMAS",
     "load_predictor",
@@ -123,118 +122,6 @@ class FraudNet(nn.Module):
         return last[0] * (lengths > 0).to(last.dtype).unsqueeze(1)
 
 
-class TreeEnsemble(nn.Module):
-    """Gradient-boosted trees as flat tensors, scored by a vectorised traversal of all trees at once.
-
-    Leaves point to themselves, so a fixed number of steps (the deepest tree's depth) walks every
-    tree to its leaf with no per-tree control flow; the walk stops early once no row moves.
-    """
-
-    _KEYS = ("feature", "threshold", "left", "right", "value", "expected", "missing_left", "roots")
-    feature: torch.Tensor
-    threshold: torch.Tensor
-    left: torch.Tensor
-    right: torch.Tensor
-    value: torch.Tensor
-    expected: torch.Tensor
-    missing_left: torch.Tensor
-    roots: torch.Tensor
-
-    def __init__(self, trees: dict[str, torch.Tensor]) -> None:
-        super().__init__()
-        for key in self._KEYS:
-            self.register_buffer(key, trees[key])
-        self.baseline = float(trees["baseline"])
-        self.depth = int(trees["depth"])
-        self._missing_child = torch.where(self.missing_left, self.left, self.right)
-
-    def _walk(self, x: torch.Tensor, *, explain: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x = x.to(torch.float64)
-        node = self.roots.unsqueeze(0).expand(x.shape[0], -1).contiguous()  # (B, T)
-        contrib = torch.zeros_like(x) if explain else None  # (B, F)
-        has_nan = bool(torch.isnan(x).any())
-        for _ in range(self.depth):
-            feat = self.feature.take(node)
-            value = torch.gather(x, 1, feat)  # (B, T)
-            nxt = torch.where(value <= self.threshold.take(node), self.left.take(node), self.right.take(node))
-            if has_nan:
-                nxt = torch.where(torch.isnan(value), self._missing_child.take(node), nxt)
-            if contrib is not None:  # Saabas path attribution: each split's change of the expected value
-                contrib.scatter_add_(1, feat, self.expected.take(nxt) - self.expected.take(node))
-            if torch.equal(nxt, node):
-                break
-            node = nxt
-        return self.value.take(node).sum(1) + self.baseline, contrib
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, F) features -> (B,) raw score (log-odds), equal to sklearn's ``decision_function``."""
-        return self._walk(x, explain=False)[0]
-
-    def contributions(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, F) per-feature contributions to the score along each row's decision paths (sum over trees)."""
-        contrib = self._walk(x, explain=True)[1]
-        assert contrib is not None
-        return contrib
-
-    def registry_state(self) -> dict[str, torch.Tensor]:
-        """The tensors :func:`export_hgb` produced, ready to be stored again."""
-        state = {k: getattr(self, k).clone() for k in self._KEYS}
-        state["baseline"] = torch.tensor(self.baseline, dtype=torch.float64)
-        state["depth"] = torch.tensor(self.depth, dtype=torch.int64)
-        return state
-
-
-def _expected_values(nodes: np.ndarray) -> np.ndarray:
-    """Training-count-weighted mean leaf value below each node (children follow parents in sklearn's order)."""
-    expected = nodes["value"].astype(np.float64).copy()
-    count = nodes["count"].astype(np.float64)
-    for i in range(len(nodes) - 1, -1, -1):
-        if not nodes["is_leaf"][i]:
-            left, right = nodes["left"][i], nodes["right"][i]
-            total = max(count[left] + count[right], 1.0)
-            expected[i] = (count[left] * expected[left] + count[right] * expected[right]) / total
-    return expected
-
-
-def export_hgb(models: Any) -> dict[str, torch.Tensor]:
-    """Exports fitted binary ``HistGradientBoostingClassifier`` (s) to tensors for :class:`TreeEnsemble`.
-
-    Args:
-        models: one classifier or a sequence of them (numeric features only); several are averaged
-            (their leaf values and baselines divided by their number), i.e. a bagged ensemble.
-    """
-    clfs = list(models) if isinstance(models, Sequence) else [models]
-    keys = ("feature", "threshold", "left", "right", "value", "expected", "missing_left")
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in keys}
-    roots, offset, depth = [], 0, 0
-    for clf in clfs:
-        if getattr(clf, "is_categorical_", None) is not None and bool(np.any(clf.is_categorical_)):
-            raise ValueError("export_hgb supports numeric features only; this model has categorical splits")
-        if len(clf._predictors[0]) != 1:
-            raise ValueError("export_hgb supports binary classifiers only")
-        for (predictor,) in clf._predictors:
-            nodes = predictor.nodes
-            roots.append(offset)
-            parts["feature"].append(nodes["feature_idx"].astype(np.int64))
-            parts["threshold"].append(nodes["num_threshold"].astype(np.float64))
-            leaf = nodes["is_leaf"].astype(bool)
-            own = np.arange(len(nodes), dtype=np.int64)
-            # Leaves point to themselves so the traversal can run a fixed number of steps.
-            parts["left"].append(np.where(leaf, own, nodes["left"].astype(np.int64)) + offset)
-            parts["right"].append(np.where(leaf, own, nodes["right"].astype(np.int64)) + offset)
-            parts["value"].append(np.where(leaf, nodes["value"], 0.0) / len(clfs))
-            parts["expected"].append(_expected_values(nodes) / len(clfs))
-            parts["missing_left"].append(nodes["missing_go_to_left"].astype(bool))
-            offset += len(nodes)
-            depth = max(depth, int(nodes["depth"].max()))
-    state = {k: torch.from_numpy(np.concatenate(v)) for k, v in parts.items()}
-    baseline = float(np.mean([np.ravel(c._baseline_prediction)[0] for c in clfs]))
-    state["roots"] = torch.tensor(roots, dtype=torch.int64)
-    state["baseline"] = torch.tensor(baseline, dtype=torch.float64)
-    state["depth"] = torch.tensor(depth, dtype=torch.int64)
-    return state
-
-
 @dataclass
 class FraudPredictor:
     """Batched scorer: featurise, blend member and tree logits, calibrate, threshold, explain.
@@ -325,8 +212,8 @@ class FraudPredictor:
         if self.trees is None:
             return base, contrib
         w = self.tree_weight
-        tree_score, tree_contrib = self.trees._walk(dense, explain=True)
-        assert tree_contrib is not None
+        tree_score, tree_contrib = self.trees.score_and_contributions(dense)
+
         return (1.0 - w) * base + w * tree_score, (1.0 - w) * contrib + w * tree_contrib
 
     def registry_state(self) -> dict[str, Any]:

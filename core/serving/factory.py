@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import math
 from collections.abc import AsyncIterator, Sequence
@@ -175,6 +176,9 @@ def create_service(
         admin = "on" if settings.admin_enabled else "off (no KEEL_API_KEY)"
         log.info("%s: serving %s; body limit %d B; admin routes %s", name, handle.ref, settings.max_body_bytes, admin)
         await handle.start()
+        # Everything loaded so far (libraries, the model) lives as long as the process: freezing it keeps the
+        # cyclic GC from re-scanning millions of objects, which showed up as ~80 ms P99 stalls under load.
+        gc.freeze()
         try:
             yield
         finally:

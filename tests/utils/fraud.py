@@ -10,7 +10,17 @@ import pandas as pd
 from apps.fraud.data import ULB_FEATURES
 
 #: A training recipe small enough for unit tests (seconds on 2 cores).
-TINY = dict(members=2, epochs=4, hidden=16, trees=1, tree_iters=20, calib_frac=0.3, train_frac=0.7, batch_size=64)
+TINY = dict(
+    members=2,
+    epochs=4,
+    hidden=16,
+    trees=1,
+    tree_iters=20,
+    calib_frac=0.3,
+    train_frac=0.7,
+    batch_size=64,
+    progress=False,
+)
 
 
 def synthetic_ulb(path: Path, *, n: int = 700, seed: int = 0) -> Path:

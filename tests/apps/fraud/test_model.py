@@ -18,11 +18,10 @@ from apps.fraud.model import (
     FraudNet,
     FraudNetConfig,
     FraudPredictor,
-    TreeEnsemble,
-    export_hgb,
     load_predictor,
 )
 from apps.fraud.train import platt_fit
+from apps.fraud.trees import TreeEnsemble, export_hgb
 
 
 @pytest.fixture(autouse=True, scope="module")

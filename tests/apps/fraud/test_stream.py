@@ -38,6 +38,7 @@ def card_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
         trees=0,
         refit=False,
         target_fpr=0.02,
+        progress=False,
         registry_root=str(home / "registry"),
     )
     main(cfg)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,11 +15,14 @@ import pytest
 import torch
 from threadpoolctl import threadpool_limits
 
-from apps.fraud.data import ULB_FEATURES, load_ulb, time_split, ulb_dense_features
+from apps.fraud.data import load_ulb, time_split, ulb_dense_features
 from apps.fraud.evaluate import evaluate, fraud_metrics, recall_at_fpr
 from apps.fraud.model import load_predictor
 from apps.fraud.train import Arrays, FraudTrainConfig, _parse_args, batched_logits, main
+from core.config import keel_home
 from core.registry import ModelRegistry
+from core.training.precision import detect_device, resolve_precision
+from tests.utils.fraud import TINY, synthetic_ulb
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -27,30 +32,16 @@ def _single_openmp_thread() -> Iterator[None]:
         yield
 
 
-TINY = dict(members=2, epochs=4, hidden=16, trees=1, tree_iters=20, calib_frac=0.3, train_frac=0.7, batch_size=64)
-
-
-def _synthetic_ulb(path: Path, *, n: int = 700, seed: int = 0) -> Path:
-    """ULB-format rows where frauds shift V14/V17 and spend more, as in the real data (real PCA inputs aside)."""
-    rng = np.random.default_rng(seed)
-    frame = pd.DataFrame(rng.normal(size=(n, len(ULB_FEATURES))), columns=list(ULB_FEATURES))
-    frame["Time"] = np.sort(rng.uniform(0, 150_000, n)).round()
-    label = (rng.random(n) < 0.1).astype(int)
-    frame.loc[label == 1, "V14"] -= 3.0
-    frame.loc[label == 1, "V17"] -= 2.0
-    frame["Amount"] = np.exp(rng.normal(3, 1, n) + label).round(2)
-    frame["Class"] = label
-    frame.to_csv(path, index=False)
-    return path
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModelRegistry, str, Path, Path]:
     folder = tmp_path_factory.mktemp("fraud_train")
-    dev = _synthetic_ulb(folder / "dev.csv")
+    dev = synthetic_ulb(folder / "dev.csv")
     later = folder / "later.csv"
     time_split(load_ulb(dev), 0.7)[1].to_csv(later, index=False)
-    cfg = FraudTrainConfig(data_path=str(dev), registry_root=str(folder / "registry"), **TINY)
+    # Module-scoped, so KEEL_HOME is not yet isolated here: the checkpoints go to the test's folder explicitly.
+    cfg = FraudTrainConfig(
+        data_path=str(dev), registry_root=str(folder / "registry"), checkpoint_dir=str(folder / "ckpt"), **TINY
+    )
     version = main(cfg)
     return ModelRegistry(folder / "registry"), version.ref, dev, later
 
@@ -63,6 +54,45 @@ def test_training_registers_a_production_model_with_its_data(trained: tuple) -> 
     assert train_cfg["data_path"] == str(dev.resolve()) and train_cfg["split"]["train_frac"] == 0.7
     assert train_cfg["data_fingerprint"].startswith("sha256:") and version.config["schema"] == "ulb"
     assert version.metrics["calib_fpr_at_threshold"] <= 0.003
+
+
+def test_the_networks_train_through_the_keel_trainer(trained: tuple) -> None:
+    registry, ref, _, _ = trained
+    version = registry.get(ref)
+    record, recipe = version.config["trainer"], version.config["recipe"]
+    expected = resolve_precision("auto", detect_device())
+    assert recipe["precision"] == "auto" and recipe["resume"] is False
+    assert (record["precision"], record["precision_reason"]) == (expected.name, expected.reason)
+    # One Trainer run per phase fits every member at once: one optimizer step per batch, not per member.
+    n_train = version.config["train"]["split"]["n_train"]
+    n_fit = int(n_train * (1 - TINY["calib_frac"]))
+    steps = {phase: run["global_step"] for phase, run in record["runs"].items()}
+    per_run = {
+        p: TINY["epochs"] * math.ceil(n / TINY["batch_size"]) for p, n in [("calibration", n_fit), ("final", n_train)]
+    }
+    assert steps == per_run
+    assert all(run["skipped_steps"] == 0 for run in record["runs"].values())
+    assert (Path(record["checkpoint_dir"]) / "final" / "last.ckpt").is_file()
+    assert len(registry.load(ref)[1]["members"]) == TINY["members"]
+
+
+def test_resume_continues_from_the_checkpoints_of_the_same_recipe_only(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    dev = synthetic_ulb(tmp_path / "dev.csv", seed=2)
+    cfg = FraudTrainConfig(data_path=str(dev), registry_root=str(tmp_path / "reg"), refit=False, **TINY)
+    registry = ModelRegistry(tmp_path / "reg")
+    first = main(cfg)
+    last = keel_home() / "checkpoints" / "fraud" / "calibration" / "last.ckpt"
+    assert last.is_file() and first.config["trainer"]["checkpoint_dir"] == str(last.parent.parent)
+    caplog.clear()
+    again = main(dataclasses.replace(cfg, resume=True, checkpoint_every_n_steps=7))  # run-only settings may change
+    assert f"resuming from {last}" in caplog.text
+    torch.testing.assert_close(registry.load(again.ref)[1]["members"], registry.load(first.ref)[1]["members"])
+    caplog.clear()
+    main(dataclasses.replace(cfg, resume=True, lr=1e-3))
+    assert "another recipe or data: training from scratch" in caplog.text and "resuming from" not in caplog.text
 
 
 def test_evaluate_follows_the_spec_contract(trained: tuple) -> None:
@@ -80,7 +110,7 @@ def test_evaluate_follows_the_spec_contract(trained: tuple) -> None:
 
 
 def test_calibrated_threshold_meets_the_fpr_on_the_calibration_slice(tmp_path: Path) -> None:
-    dev = _synthetic_ulb(tmp_path / "dev.csv", seed=1)
+    dev = synthetic_ulb(tmp_path / "dev.csv", seed=1)
     cfg = FraudTrainConfig(data_path=str(dev), registry_root=str(tmp_path / "reg"), refit=False, **TINY)
     version, state = ModelRegistry(tmp_path / "reg").load(main(cfg).ref)
     predictor = load_predictor(version, state)
