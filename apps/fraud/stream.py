@@ -177,8 +177,45 @@ def run_stream(
         raise ValueError(f"{version.ref} scores schema {version.config.get('schema')!r}; the stream needs 'card'")
     if isinstance(bus, str):
         options = {"bootstrap_servers": bootstrap} if bus == "kafka" else {}
-        bus = create_bus(bus, **options, **(bus_options or {}))
+        with create_bus(bus, **options, **(bus_options or {})) as owned:
+            return _consume(
+                owned,
+                version,
+                state,
+                topic=topic,
+                alerts_topic=alerts_topic,
+                group_id=group_id,
+                max_events=max_events,
+                idle_timeout_s=idle_timeout_s,
+                max_poll_records=max_poll_records,
+            )
+    return _consume(
+        bus,
+        version,
+        state,
+        topic=topic,
+        alerts_topic=alerts_topic,
+        group_id=group_id,
+        max_events=max_events,
+        idle_timeout_s=idle_timeout_s,
+        max_poll_records=max_poll_records,
+    )
+
+
+def _consume(
+    bus: EventBus,
+    version: Any,
+    state: dict[str, Any],
+    *,
+    topic: str,
+    alerts_topic: str,
+    group_id: str,
+    max_events: int | None,
+    idle_timeout_s: float | None,
+    max_poll_records: int,
+) -> dict[str, Any]:
     processor = FraudStreamProcessor(load_predictor(version, state), bus, alerts_topic, version.ref)
+
     bus.create_topics([topic, alerts_topic])
     t0 = time.monotonic()
     replayed = restore(processor, topic=topic, group_id=group_id)
