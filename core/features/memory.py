@@ -35,10 +35,12 @@ class _KeyState:
 
 
 class _SpecState:
-    __slots__ = ("spec", "keys", "accepted", "rejected_late", "empty")
+    __slots__ = ("spec", "keys", "accepted", "rejected_late", "empty", "by_length")
 
     def __init__(self, spec: WindowSpec) -> None:
         self.spec = spec
+        # Window indices shortest first: nested windows let distinct counts grow one set instead of one per window.
+        self.by_length = sorted(range(len(spec.windows)), key=spec.windows.__getitem__)
         self.keys: dict[Key, _KeyState] = {}
         self.accepted = 0
         self.rejected_late = 0
@@ -97,7 +99,7 @@ class MemoryFeatureStore(FeatureStore):
     def read(self, spec: WindowSpec, key: Key, *, now: float) -> WindowFeatures:
         st = self._state(spec)
         ks = st.keys.get(key)
-        return st.empty if ks is None else _features(spec, ks, float(now))
+        return st.empty if ks is None else _features(st, ks, float(now))
 
     def read_many(self, spec: WindowSpec, *, keys: Sequence[Key], now: float | Sequence[float]) -> list[WindowFeatures]:
         st = self._state(spec)
@@ -105,7 +107,7 @@ class MemoryFeatureStore(FeatureStore):
         out = []
         for key, t in zip(keys, nows, strict=True):
             ks = st.keys.get(key)
-            out.append(st.empty if ks is None else _features(spec, ks, float(t)))
+            out.append(st.empty if ks is None else _features(st, ks, float(t)))
         return out
 
     def stats(self, spec: WindowSpec) -> StoreStats:
@@ -168,26 +170,30 @@ def _evict(ks: _KeyState, horizon: float) -> None:
     ks.head = 0
 
 
-def _features(spec: WindowSpec, ks: _KeyState, now: float) -> WindowFeatures:
+def _features(st: _SpecState, ks: _KeyState, now: float) -> WindowFeatures:
+    spec = st.spec
     ts, cum, cum2, head, shift = ks.ts, ks.cum, ks.cum2, ks.head, ks.shift
     hi = bisect_right(ts, now, head)
-    counts, sums, means, stds, dist = [], [], [], [], []
+    if hi == head:  # nothing retained up to now
+        return st.empty
+    top, top2 = cum[hi], cum2[hi]
+    los, counts, sums, means, stds = [], [], [], [], []
     for w in spec.windows:
         lo = bisect_right(ts, now - w, head, hi)
+        los.append(lo)
         n = hi - lo
         counts.append(n)
         if n:
-            m = (cum[hi] - cum[lo]) / n
-            var = (cum2[hi] - cum2[lo]) / n - m * m
-            sums.append(cum[hi] - cum[lo] + n * shift)
+            total = top - cum[lo]
+            m = total / n
+            var = (top2 - cum2[lo]) / n - m * m
+            sums.append(total + n * shift)
             means.append(m + shift)
             stds.append(math.sqrt(var) if n > 1 and var > 0.0 else 0.0)
         else:
             sums.append(0.0)
             means.append(0.0)
             stds.append(0.0)
-        if ks.distinct is not None:
-            dist.append(len(set(ks.distinct[lo:hi])))
     first = max(head, hi - spec.last_n)
     last = spec.last_n > 0
     return WindowFeatures(
@@ -195,9 +201,23 @@ def _features(spec: WindowSpec, ks: _KeyState, now: float) -> WindowFeatures:
         sums=tuple(sums),
         means=tuple(means),
         stds=tuple(stds),
-        distinct=tuple(dist) if ks.distinct is not None else None,
+        distinct=None if ks.distinct is None else _distinct_counts(ks.distinct, los, hi, st.by_length),
         last_ts=tuple(ts[first:hi]) if last else (),
         last_values=tuple(ks.values[first:hi]) if last else (),
         last_distinct=(tuple(ks.distinct[first:hi]) if last else ()) if ks.distinct is not None else None,
-        time_since_last=now - ts[hi - 1] if hi > head else math.inf,
+        time_since_last=now - ts[hi - 1],
     )
+
+
+def _distinct_counts(distinct: list[str], los: list[int], hi: int, by_length: list[int]) -> tuple[int, ...]:
+    """Distinct values per window; a longer window starts earlier, so one set grows window by window."""
+    counts = [0] * len(los)
+    seen: set[str] = set()
+    start = hi
+    for k in by_length:
+        lo = los[k]
+        if lo < start:
+            seen.update(distinct[lo:start])
+            start = lo
+        counts[k] = len(seen)
+    return tuple(counts)

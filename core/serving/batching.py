@@ -70,7 +70,9 @@ class MicroBatcher(Generic[T, R]):
             time, so a torch model is never run from two threads at once.
         max_batch_size: most items per batch; ``1`` turns batching off (each item is its own call, still run in the
             worker thread).
-        max_delay_ms: longest time the oldest queued item waits for company before its batch runs.
+        max_delay_ms: longest time the oldest queued item waits for company before its batch runs; ``0`` (the
+            default) waits for nobody: the batch is whatever queued while the previous batch ran.
+
         bucket_key: optional length bucketing: only items with the same key share a batch (e.g. ``len(tokens) //
             32``), so padding stays small.
         worker_init: run once in the worker thread before its first batch (e.g. to set torch's thread count).
@@ -83,7 +85,7 @@ class MicroBatcher(Generic[T, R]):
         fn: Callable[[list[T]], list[R]],
         *,
         max_batch_size: int = 64,
-        max_delay_ms: float = 2.0,
+        max_delay_ms: float = 0.0,
         bucket_key: Callable[[T], Hashable] | None = None,
         worker_init: Callable[[], None] | None = None,
     ) -> None:

@@ -71,7 +71,7 @@ class ModelHandle:
         *,
         load: LoadFn,
         max_batch_size: int = 64,
-        max_delay_ms: float = 2.0,
+        max_delay_ms: float = 0.0,
         bucket_key: Callable[[Any], Hashable] | None = None,
         reload_interval_s: float = 2.0,
         torch_threads: int | None = None,

@@ -31,7 +31,35 @@ class Recorder:
         return [i * 2 for i in items]
 
 
+def test_zero_delay_batches_what_queued_while_the_previous_batch_ran() -> None:
+    release = threading.Event()
+    batches: list[list[int]] = []
+
+    def fn(items: list[int]) -> list[int]:
+        batches.append(list(items))
+        if len(batches) == 1:
+            release.wait(timeout=10)  # hold the first batch until the others have queued
+        return items
+
+    async def main() -> list[int]:
+        batcher: MicroBatcher[int, int] = MicroBatcher(fn, max_batch_size=64, max_delay_ms=0)
+        try:
+            first = asyncio.ensure_future(batcher.submit(0))
+            while not batches:  # the lone first request runs at once, without waiting for company
+                await asyncio.sleep(0.001)
+            rest = [asyncio.ensure_future(batcher.submit(i)) for i in range(1, 6)]
+            await asyncio.sleep(0.05)
+            release.set()
+            return await asyncio.gather(first, *rest)
+        finally:
+            await batcher.close()
+
+    assert run(main) == list(range(6))
+    assert batches == [[0], [1, 2, 3, 4, 5]]
+
+
 def test_concurrent_requests_are_grouped_up_to_max_batch_size() -> None:
+
     fn = Recorder()
 
     async def main() -> list[int]:

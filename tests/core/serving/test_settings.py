@@ -19,7 +19,7 @@ def test_settings_come_from_keel_environment_variables(monkeypatch: pytest.Monke
     assert settings.api_key.get_secret_value() == "s3cret"
     assert "s3cret" not in repr(settings)  # never leaks into logs
     assert (settings.max_batch_size, settings.registry_root) == (8, tmp_path)
-    assert (settings.max_body_bytes, settings.max_delay_ms, settings.reload_interval_s) == (1_000_000, 2.0, 2.0)
+    assert (settings.max_body_bytes, settings.max_delay_ms, settings.reload_interval_s) == (1_000_000, 0.0, 2.0)
 
 
 def test_an_empty_key_disables_admin_routes(monkeypatch: pytest.MonkeyPatch) -> None:
