@@ -7,18 +7,21 @@ mechanism a third-party plug-in uses), so the CLI, the gateway and the tests loa
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
+
+import typer
 
 from core.utils.registry import Registry
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-__all__ = ["AppSpec", "load_apps", "ENTRY_POINT_GROUP"]
+__all__ = ["AppSpec", "load_apps", "user_errors", "ENTRY_POINT_GROUP"]
 
 ENTRY_POINT_GROUP = "keel.apps"
 
@@ -49,6 +52,16 @@ class AppSpec:
     demo: Callable[..., Any]
     stream: Callable[..., Any] | None = None
     page: str | None = None
+
+
+@contextmanager
+def user_errors(*kinds: type[BaseException]) -> Iterator[None]:
+    """In a CLI command: errors of these kinds (bad input, unknown model) print one line and exit 1, no traceback."""
+    try:
+        yield
+    except kinds as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(1) from exc
 
 
 @cache

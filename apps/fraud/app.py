@@ -12,7 +12,9 @@ from typing import Annotated, Any
 
 import typer
 
-from core.apps import AppSpec
+from apps.fraud.data import DataFormatError
+from core.apps import AppSpec, user_errors
+from core.registry import ModelNotFoundError, TamperedArtifactError
 
 __all__ = ["APP", "DEMO_SIMULATOR"]
 
@@ -46,7 +48,8 @@ def train(
         overrides["data_path"] = str(data)
     if epochs is not None:
         overrides["epochs"] = epochs
-    version = main(FraudTrainConfig(**overrides))
+    with user_errors(DataFormatError, FileNotFoundError, ValueError):
+        version = main(FraudTrainConfig(**overrides))
     typer.echo(json.dumps({"registered": version.ref, "metrics": version.metrics}))
 
 
@@ -66,7 +69,9 @@ def evaluate(
     from apps.fraud.evaluate import evaluate as run_eval
     from core.registry import ModelRegistry
 
-    typer.echo(json.dumps(run_eval(model, data, registry=ModelRegistry())))
+    with user_errors(DataFormatError, ModelNotFoundError, TamperedArtifactError, FileNotFoundError):
+        result = run_eval(model, data, registry=ModelRegistry())
+    typer.echo(json.dumps(result))
 
 
 def demo(*, data_dir: Path | None) -> None:

@@ -25,7 +25,7 @@ from torch import nn
 __all__ = ["TreeEnsemble", "export_hgb"]
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def _walk(
     x: np.ndarray,
     roots: np.ndarray,
@@ -40,7 +40,7 @@ def _walk(
     explain: bool,
 ) -> np.ndarray:  # pragma: no cover - compiled; covered through TreeEnsemble
     score = np.zeros(x.shape[0])
-    for i in range(x.shape[0]):
+    for i in numba.prange(x.shape[0]):
         total = 0.0
         for root in roots:
             node = root

@@ -49,3 +49,11 @@ def test_apps_command_lists_fraud() -> None:
     result = CliRunner().invoke(build_cli(), ["apps"])
     assert result.exit_code == 0
     assert "fraud" in result.output
+
+
+def test_eval_without_a_registered_model_is_one_clear_line(tmp_path: Path) -> None:
+    data = tmp_path / "rows.csv"
+    data.write_text("Time,V1\n1,2\n")
+    result = CliRunner().invoke(build_cli(), ["eval", "fraud", "--data", str(data)])
+    assert result.exit_code == 1
+    assert "no model named 'fraud'" in result.output and "Traceback" not in result.output
