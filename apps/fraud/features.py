@@ -42,6 +42,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Mapping, Sequence
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -86,18 +87,25 @@ def _time_of_day(ts: float) -> tuple[float, float]:
     return math.sin(angle), math.cos(angle)
 
 
-def _parse(tx: Transaction, i: int) -> tuple[float, str, str, float]:
-    """(ts, card, terminal, amount) of one transaction, or a ValueError naming the transaction and the field."""
-    missing = [k for k in _REQUIRED if k not in tx]
-    if missing:
-        raise ValueError(f"transaction {i} (tx_id={tx.get('tx_id')!r}) lacks {missing}; needs {list(_REQUIRED)}")
-    ts, amount = float(tx["ts"]), float(tx["amount"])
+def _parse(tx: Transaction, i: int) -> tuple[float, str, str, float, int | None]:
+    """(ts, card, terminal, amount, label or None) of one transaction, or a ValueError naming it and the field."""
+    try:
+        raw_ts, raw_card, raw_terminal, raw_amount = tx["ts"], tx["card_id"], tx["terminal_id"], tx["amount"]
+    except KeyError:
+        missing = [k for k in _REQUIRED if k not in tx]
+        raise ValueError(
+            f"transaction {i} (tx_id={tx.get('tx_id')!r}) lacks {missing}; needs {list(_REQUIRED)}"
+        ) from None
+    ts, amount = float(raw_ts), float(raw_amount)
     if not math.isfinite(ts):
-        raise ValueError(f"transaction {i} (tx_id={tx.get('tx_id')!r}): ts must be finite seconds, got {tx['ts']!r}")
+        raise ValueError(f"transaction {i} (tx_id={tx.get('tx_id')!r}): ts must be finite seconds, got {raw_ts!r}")
     if not (math.isfinite(amount) and amount >= 0):
-        raise ValueError(f"transaction {i} (tx_id={tx.get('tx_id')!r}): amount must be >= 0, got {tx['amount']!r}")
+        raise ValueError(f"transaction {i} (tx_id={tx.get('tx_id')!r}): amount must be >= 0, got {raw_amount!r}")
+    label = tx.get("label")
+    if label is not None and label not in (0, 1):  # the message is formatted only for a bad label
+        _check_label(label, f"transaction {i} (tx_id={tx.get('tx_id')!r})")
     # Ids as strings, so an int id and its string form are one key in every backend.
-    return ts, str(tx["card_id"]), str(tx["terminal_id"]), amount
+    return ts, str(raw_card), str(raw_terminal), amount, None if label is None else int(label)
 
 
 def _check_label(label: Any, where: str) -> int:
@@ -153,8 +161,10 @@ class FraudFeatureBuilder:
             # Feedback arrives out of order over up to a delay period; accept it all.
             allowed_lateness=max(self.label_delay_s, allowed_lateness_s),
         )
-        self._delayed = delayed
-        self._term_velocity = [term_windows.index(w) for w in velocity]
+        self._term_velocity = itemgetter(*(term_windows.index(w) for w in velocity))  # picks 1h, 1d, 7d
+        # Where the delayed window's two ends sit in each spec's windows (None: a zero delay has no inner window).
+        self._term_delayed = _delayed_index(self.terminal_spec, delayed)
+        self._label_delayed = _delayed_index(self.label_spec, delayed)
         self._pending: list[tuple[float, int, str, int]] = []  # replay labels not yet known: (ts, seq, terminal, y)
         self._pending_seq = 0
 
@@ -171,21 +181,21 @@ class FraudFeatureBuilder:
         """
         rows: list[list[float]] = []
         steps = _SeqSteps()
+        store, card_spec, terminal_spec, label_spec = self.store, self.card_spec, self.terminal_spec, self.label_spec
+        read, update, pending = store.read, store.update, self._pending  # bound once: this loop is the hot path
         for i, tx in enumerate(txns):
-            ts, card, terminal, amount = _parse(tx, i)
-            label = tx.get("label")
-            y = None if label is None else _check_label(label, f"transaction {i} (tx_id={tx.get('tx_id')!r})")
-            self._release_labels(upto=ts - self.label_delay_s)
+            ts, card, terminal, amount, y = _parse(tx, i)
+            if pending and pending[0][0] <= ts - self.label_delay_s:
+                self._release_labels(upto=ts - self.label_delay_s)
             before = math.nextafter(ts, -math.inf)
-            card_f = self.store.read(self.card_spec, card, now=before)
-            term_f = self.store.read(self.terminal_spec, terminal, now=before)
-            label_f = self.store.read(self.label_spec, terminal, now=before)
-            rows.append(self._dense(ts, amount, card_f, term_f, label_f))
+            card_f = read(card_spec, card, now=before)
+            term_f = read(terminal_spec, terminal, now=before)
+            rows.append(self._dense(ts, amount, card_f, term_f, read(label_spec, terminal, now=before)))
             steps.add(ts, terminal, card_f)
-            self.store.update(self.card_spec, card, ts=ts, value=amount, distinct=terminal)
-            self.store.update(self.terminal_spec, terminal, ts=ts, value=amount)
+            update(card_spec, card, ts=ts, value=amount, distinct=terminal)
+            update(terminal_spec, terminal, ts=ts, value=amount)
             if y is not None:
-                heapq.heappush(self._pending, (ts, self._pending_seq, terminal, y))
+                heapq.heappush(pending, (ts, self._pending_seq, terminal, y))
                 self._pending_seq += 1
         dense = np.asarray(rows, dtype=np.float32).reshape(len(rows), len(FEATURE_NAMES))
         seq, lengths = steps.to_arrays(self.history)
@@ -221,9 +231,9 @@ class FraudFeatureBuilder:
         n7, mean7, std7 = card.counts[2], card.means[2], card.stds[2]
         ratio = amount / mean7 if n7 and mean7 > 0 else 1.0
         zscore = (amount - mean7) / (std7 + 1.0) if n7 >= 2 else 0.0
-        delayed_tx = self._delayed_sum(term, self.terminal_spec, counts=True)
-        delayed_labelled = self._delayed_sum(labels, self.label_spec, counts=True)
-        delayed_fraud = round(self._delayed_sum(labels, self.label_spec, counts=False))
+        delayed_tx = _delayed_sum(term.counts, self._term_delayed)
+        delayed_labelled = _delayed_sum(labels.counts, self._label_delayed)
+        delayed_fraud = round(_delayed_sum(labels.sums, self._label_delayed))
         denom = max(delayed_tx, delayed_labelled)
         return [
             math.log1p(amount),
@@ -237,20 +247,13 @@ class FraudFeatureBuilder:
             zscore,
             math.log1p(_gap(card, ts, CARD_HISTORY_S)),
             card.distinct[2] if card.distinct else 0,
-            *(term.counts[k] for k in self._term_velocity),
-            *(term.sums[k] for k in self._term_velocity),
+            *self._term_velocity(term.counts),
+            *self._term_velocity(term.sums),
             math.log1p(_gap(term, ts, TERMINAL_GAP_CAP_S)),
             delayed_tx,
             delayed_fraud,
             delayed_fraud / denom if denom else 0.0,
         ]
-
-    def _delayed_sum(self, feats: WindowFeatures, spec: WindowSpec, *, counts: bool) -> float:
-        """Count (or sum) over ``[t - d - 7d, t - d)``: the (d + 7d)-window minus the d-window."""
-        col = feats.counts if counts else feats.sums
-        near, far = self._delayed
-        inner = col[spec.windows.index(near)] if near > 0 else 0
-        return col[spec.windows.index(far)] - inner
 
 
 class _SeqSteps:
@@ -270,7 +273,7 @@ class _SeqSteps:
             self.amounts.extend(card.last_values)
             self.nexts.extend(card.last_ts[1:])
             self.nexts.append(ts)  # the last step's next transaction is the current one
-            self.same.extend(term == terminal for term in card.last_distinct or ())
+            self.same.extend(map(terminal.__eq__, card.last_distinct or ()))
 
     def to_arrays(self, history: int) -> tuple[np.ndarray, np.ndarray]:
         lengths = np.asarray(self.lengths, dtype=np.int64)
@@ -287,6 +290,17 @@ class _SeqSteps:
         rows = np.repeat(np.arange(len(lengths)), lengths)
         seq[rows, np.arange(len(t)) - np.repeat(starts, lengths)] = values
         return seq, lengths
+
+
+def _delayed_index(spec: WindowSpec, delayed: tuple[float, float]) -> tuple[int | None, int]:
+    near, far = delayed
+    return (spec.windows.index(near) if near > 0 else None), spec.windows.index(far)
+
+
+def _delayed_sum(col: tuple[float, ...], index: tuple[int | None, int]) -> float:
+    """Count (or sum) over ``[t - d - 7d, t - d)``: the (d + 7d)-window minus the d-window."""
+    near, far = index
+    return col[far] - (col[near] if near is not None else 0)
 
 
 def _gap(feats: WindowFeatures, ts: float, cap: float) -> float:

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from apps.fraud.model import FraudPredictor, load_predictor
 from core.registry import ModelRegistry
@@ -52,7 +52,20 @@ class StreamTransaction(BaseModel):
     label: int | None = Field(default=None, ge=0, le=1, description="Delayed feedback (simulation only).")
 
 
+_BATCH = TypeAdapter(list[StreamTransaction])
+
+
 def _parse(events: Sequence[Event]) -> tuple[list[Event], list[dict[str, Any]], list[Rejection]]:
+    # One validation call for the whole batch (the common, all-valid case); a batch with a bad event is
+    # validated again event by event, so each rejection names its own event and field.
+    try:
+        parsed = _BATCH.validate_python([e.value for e in events])
+    except ValidationError:
+        return _parse_each(events)
+    return list(events), [t.model_dump() for t in parsed], []
+
+
+def _parse_each(events: Sequence[Event]) -> tuple[list[Event], list[dict[str, Any]], list[Rejection]]:
     good, items, rejected = [], [], []
     for e in events:
         try:

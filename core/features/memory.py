@@ -35,10 +35,11 @@ class _KeyState:
 
 
 class _SpecState:
-    __slots__ = ("spec", "keys", "accepted", "rejected_late", "empty", "by_length")
+    __slots__ = ("spec", "keys", "accepted", "rejected_late", "empty", "by_length", "retention")
 
     def __init__(self, spec: WindowSpec) -> None:
         self.spec = spec
+        self.retention = spec.retention  # a property (a max over the windows); read on every insert
         # Window indices shortest first: nested windows let distinct counts grow one set instead of one per window.
         self.by_length = sorted(range(len(spec.windows)), key=spec.windows.__getitem__)
         self.keys: dict[Key, _KeyState] = {}
@@ -131,7 +132,7 @@ def _insert(st: _SpecState, key: Key, ts: float, value: float, distinct: str | N
         if ks.distinct is not None:
             ks.distinct.append(distinct)  # type: ignore[arg-type]  # check_event guarantees a str here
         ks.max_ts = ts
-        horizon = ts - st.spec.retention
+        horizon = ts - st.retention
         if ks.ts[ks.head] <= horizon:
             _evict(ks, horizon)
     elif ts >= ks.max_ts - st.spec.allowed_lateness:
@@ -184,7 +185,7 @@ def _features(st: _SpecState, ks: _KeyState, now: float) -> WindowFeatures:
         n = hi - lo
         counts.append(n)
         if n:
-            total = top - cum[lo]
+            total = top - cum[lo]  # of value - shift
             m = total / n
             var = (top2 - cum2[lo]) / n - m * m
             sums.append(total + n * shift)
@@ -196,15 +197,16 @@ def _features(st: _SpecState, ks: _KeyState, now: float) -> WindowFeatures:
             stds.append(0.0)
     first = max(head, hi - spec.last_n)
     last = spec.last_n > 0
+    distinct = ks.distinct
     return WindowFeatures(
         counts=tuple(counts),
         sums=tuple(sums),
         means=tuple(means),
         stds=tuple(stds),
-        distinct=None if ks.distinct is None else _distinct_counts(ks.distinct, los, hi, st.by_length),
+        distinct=None if distinct is None else _distinct_counts(distinct, los, hi, st.by_length),
         last_ts=tuple(ts[first:hi]) if last else (),
         last_values=tuple(ks.values[first:hi]) if last else (),
-        last_distinct=(tuple(ks.distinct[first:hi]) if last else ()) if ks.distinct is not None else None,
+        last_distinct=(tuple(distinct[first:hi]) if last else ()) if distinct is not None else None,
         time_since_last=now - ts[hi - 1],
     )
 
