@@ -20,6 +20,7 @@ Events may carry a ``label``: in the simulator's replay it stands for feedback t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -188,67 +189,32 @@ def run_stream(
     version, state = (registry or ModelRegistry()).load(model_ref)
     if version.config.get("schema") != "card":
         raise ValueError(f"{version.ref} scores schema {version.config.get('schema')!r}; the stream needs 'card'")
+    owned: EventBus | None = None  # a bus this function creates, it also closes
     if isinstance(bus, str):
         options = {"bootstrap_servers": bootstrap} if bus == "kafka" else {}
-        with create_bus(bus, **options, **(bus_options or {})) as owned:
-            return _consume(
-                owned,
-                version,
-                state,
-                topic=topic,
-                alerts_topic=alerts_topic,
-                group_id=group_id,
-                max_events=max_events,
-                idle_timeout_s=idle_timeout_s,
-                max_poll_records=max_poll_records,
-            )
-    return _consume(
-        bus,
-        version,
-        state,
-        topic=topic,
-        alerts_topic=alerts_topic,
-        group_id=group_id,
-        max_events=max_events,
-        idle_timeout_s=idle_timeout_s,
-        max_poll_records=max_poll_records,
-    )
-
-
-def _consume(
-    bus: EventBus,
-    version: Any,
-    state: dict[str, Any],
-    *,
-    topic: str,
-    alerts_topic: str,
-    group_id: str,
-    max_events: int | None,
-    idle_timeout_s: float | None,
-    max_poll_records: int,
-) -> dict[str, Any]:
-    processor = FraudStreamProcessor(load_predictor(version, state), bus, alerts_topic, version.ref)
-
-    bus.create_topics([topic, alerts_topic])
-    t0 = time.monotonic()
-    replayed = restore(processor, topic=topic, group_id=group_id)
-    log.info("restored %d events of state in %.1f s", replayed, time.monotonic() - t0)
-    stats = run_consumer(
-        bus,
-        [topic],
-        group_id=group_id,
-        handler=processor,
-        max_events=max_events,
-        idle_timeout_s=idle_timeout_s,
-        max_poll_records=max_poll_records,
-    )
-    return {
-        "model": version.ref,
-        "replayed": replayed,
-        "processed": stats.processed,
-        "scored": processor.scored,
-        "alerts": processor.alerts,
-        "dead_lettered": stats.dead_lettered,
-        "elapsed_s": round(stats.elapsed_s, 3),
-        "events_per_s": round(processor.events_per_s, 1),
-    }
+        bus = owned = create_bus(bus, **options, **(bus_options or {}))
+    with owned or contextlib.nullcontext():
+        processor = FraudStreamProcessor(load_predictor(version, state), bus, alerts_topic, version.ref)
+        bus.create_topics([topic, alerts_topic])
+        t0 = time.monotonic()
+        replayed = restore(processor, topic=topic, group_id=group_id)
+        log.info("restored %d events of state in %.1f s", replayed, time.monotonic() - t0)
+        stats = run_consumer(
+            bus,
+            [topic],
+            group_id=group_id,
+            handler=processor,
+            max_events=max_events,
+            idle_timeout_s=idle_timeout_s,
+            max_poll_records=max_poll_records,
+        )
+        return {
+            "model": version.ref,
+            "replayed": replayed,
+            "processed": stats.processed,
+            "scored": processor.scored,
+            "alerts": processor.alerts,
+            "dead_lettered": stats.dead_lettered,
+            "elapsed_s": round(stats.elapsed_s, 3),
+            "events_per_s": round(processor.events_per_s, 1),
+        }
