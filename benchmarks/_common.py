@@ -1,11 +1,10 @@
-"""Helpers shared by the benchmark scripts: free ports, server processes, result tables and JSON."""
+"""Helpers shared by the benchmark scripts: server processes, result tables and JSON."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import time
@@ -15,12 +14,6 @@ from pathlib import Path
 from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def machine() -> dict[str, Any]:

