@@ -21,6 +21,7 @@ __all__ = [
     "LogLossScale",
     "SkipAwareSchedulers",
     "StepCheckpoint",
+    "logging_step",
     "rng_state",
     "set_rng_state",
 ]
@@ -163,12 +164,23 @@ class SkipAwareSchedulers(Callback):
         pl_module.__dict__.pop("lr_scheduler_step", None)  # back to the class's own hook
 
 
+def logging_step(trainer: pl.Trainer) -> bool:
+    """Whether Lightning writes logs after this training batch (every ``log_every_n_steps``, and when stopping).
+
+    Python numbers are best logged only then: on CUDA, ``self.log`` copies each one to the device, and a
+    blocking host-to-device copy synchronises the stream, so per-step logging costs a sync per value.
+    """
+    every = int(getattr(trainer, "log_every_n_steps", 1))  # set by Lightning's logger connector at init
+    return every > 0 and (trainer.global_step % every == 0 or trainer.should_stop)
+
+
 class LogLossScale(Callback):
-    """Logs the loss scale and the number of skipped steps after every training batch."""
+    """Logs the loss scale and the number of skipped steps on every logging step (see :func:`logging_step`)."""
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         plugin = trainer.precision_plugin
-        scale = getattr(plugin, "loss_scale", None)
-        if scale is not None:
-            pl_module.log("loss_scale", float(scale))
+        # The scaler's own scale tensor: logging it costs no host-device sync (GradScaler.get_scale() does, every step).
+        scale = getattr(getattr(plugin, "keel_scaler", None), "_scale", None)
+        if scale is not None and logging_step(trainer):
+            pl_module.log("loss_scale", scale.detach().reshape(()))
             pl_module.log("skipped_steps", float(plugin.skipped_steps))  # type: ignore[attr-defined]

@@ -17,6 +17,9 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from core.training.callbacks import logging_step
+from core.training.speed import channels_last_batch
+
 __all__ = ["LossFn", "OptimConfig", "LossFnModule", "build_optimizer", "build_scheduler"]
 
 log = logging.getLogger(__name__)
@@ -32,10 +35,15 @@ class OptimConfig:
     weight_decay: float = 0.01
     scheduler: str = "cosine"
     warmup_steps: int = 0
+    fused: bool = False  # the single-kernel AdamW (the Trainer sets it from SpeedConfig.fused_adamw)
 
 
-def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW; no decay on biases and norm weights (ndim < 2); fused when every parameter is on CUDA."""
+def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW; no decay on biases and norm weights (ndim < 2); with ``fused``, the single-kernel AdamW.
+
+    ``fused`` applies where PyTorch has the kernel for every parameter's device (CUDA, CPU); the Trainer's
+    speed plan asks for it on CUDA by default (``SpeedConfig.fused_adamw``).
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
@@ -43,7 +51,7 @@ def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float) -> torc
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    fused = all(p.is_cuda for p in params)
+    fused = fused and all(p.device.type in ("cuda", "cpu") for p in params)
     log.info("optimizer: AdamW(lr=%g, weight_decay=%g), fused=%s", lr, weight_decay, fused)
     return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
 
@@ -70,11 +78,14 @@ def build_scheduler(
 class LossFnModule(pl.LightningModule):
     """Trains ``model`` by minimising ``loss_fn(model, batch)``; validation logs the same loss as ``val_loss``."""
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, *, optim: OptimConfig) -> None:
+    def __init__(
+        self, model: nn.Module, loss_fn: LossFn, *, optim: OptimConfig, channels_last_inputs: bool = False
+    ) -> None:
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
         self.optim = optim
+        self.channels_last_inputs = channels_last_inputs  # image batches -> NHWC on the device (SpeedConfig)
         # Set by Keel's Trainer from the loader length. Lightning's estimated_stepping_batches would
         # set the data up before a resumed checkpoint restores the loader's position.
         self.total_steps: int | None = None
@@ -84,6 +95,8 @@ class LossFnModule(pl.LightningModule):
         return self.model(*args, **kwargs)
 
     def _loss(self, batch: Any) -> torch.Tensor:
+        if self.channels_last_inputs:
+            batch = channels_last_batch(batch)
         loss = self.loss_fn(self.model, batch)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             shape = getattr(loss, "shape", "")
@@ -102,14 +115,17 @@ class LossFnModule(pl.LightningModule):
         if scheduler is not None and not skipped:
             scheduler.step()  # type: ignore[union-attr]
         self.log("train_loss", loss.detach().float(), prog_bar=True)
-        self.log("lr", opt.param_groups[0]["lr"])  # type: ignore[union-attr]
+        if logging_step(self.trainer):  # a Python float: logging it on CUDA costs a host sync
+            self.log("lr", opt.param_groups[0]["lr"])  # type: ignore[union-attr]
         return loss.detach()
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self.log("val_loss", self._loss(batch).float(), prog_bar=True)
 
     def configure_optimizers(self) -> Any:
-        optimizer = build_optimizer(self.model, lr=self.optim.lr, weight_decay=self.optim.weight_decay)
+        optimizer = build_optimizer(
+            self.model, lr=self.optim.lr, weight_decay=self.optim.weight_decay, fused=self.optim.fused
+        )
         scheduler = build_scheduler(
             optimizer,
             name=self.optim.scheduler,

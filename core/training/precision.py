@@ -8,13 +8,40 @@ reason says so (after Lightning's ``accelerator_connector.py``).
 
 from __future__ import annotations
 
+import functools
+import json
+import logging
+import os
+import platform
+import shutil
+import time
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
+from core.config import keel_home
 from core.utils.registry import Registry
 
-__all__ = ["DeviceInfo", "Precision", "PRECISIONS", "detect_device", "resolve_precision"]
+__all__ = [
+    "CPU_BF16_MIN_PARAMS",
+    "DeviceInfo",
+    "Precision",
+    "PRECISIONS",
+    "cpu_bf16_candidate",
+    "cpu_bf16_speedup",
+    "detect_device",
+    "resolve_precision",
+]
+
+log = logging.getLogger(__name__)
+
+# bf16 autocast must beat fp32 by this factor on the micro-benchmark to be chosen on CPU: a tie is not worth
+# bf16's rounding, and the margin absorbs timing noise on a shared machine.
+CPU_BF16_MIN_SPEEDUP = 1.2
+# Below this many parameters a model's matmuls are too small for bf16 to outweigh autocast's casts on a CPU
+# (measured here: a 0.5M-parameter MLP gains ~1.1x, a 4.7M one ~3.5x), so bf16 is not even measured.
+CPU_BF16_MIN_PARAMS = 1_000_000
 
 # Every accepted spelling -> its canonical Lightning name. Unknown names list these in the error.
 PRECISIONS: Registry[str] = Registry("precision")
@@ -31,7 +58,7 @@ for _canonical, _aliases in {
 
 @dataclass(frozen=True)
 class DeviceInfo:
-    """What precision resolution needs to know about the training device.
+    """What precision and speed resolution need to know about the training device.
 
     Attributes:
         type: ``"cpu"``, ``"cuda"`` or ``"mps"``.
@@ -39,6 +66,7 @@ class DeviceInfo:
         capability: CUDA compute capability ``(major, minor)``; None off CUDA.
         bf16_supported: the device computes in bf16 natively.
         cpu_bf16_faster: bf16 autocast was measured faster than fp32 on this CPU.
+        c_compiler: a C compiler is on the PATH (``torch.compile`` builds its kernels' launchers with one).
     """
 
     type: str = "cpu"
@@ -46,6 +74,7 @@ class DeviceInfo:
     capability: tuple[int, int] | None = None
     bf16_supported: bool = False
     cpu_bf16_faster: bool = False
+    c_compiler: bool = True
 
 
 @dataclass(frozen=True)
@@ -62,16 +91,100 @@ class Precision:
         return self.name == "16-mixed"
 
 
-def detect_device(accelerator: str = "auto") -> DeviceInfo:
-    """Describe the device Lightning will train on for ``accelerator`` ("auto", "cpu", "cuda"/"gpu")."""
+def detect_device(accelerator: str = "auto", *, measure_cpu_bf16: bool = False) -> DeviceInfo:
+    """Describe the device Lightning will train on for ``accelerator`` ("auto", "cpu", "cuda"/"gpu").
+
+    With ``measure_cpu_bf16`` a CPU's ``cpu_bf16_faster`` comes from :func:`cpu_bf16_speedup` (measured
+    once per machine and cached); without it, it is False.
+    """
     if accelerator not in ("auto", "cpu", "cuda", "gpu"):
         raise ValueError(f"accelerator must be 'auto', 'cpu', 'cuda' or 'gpu', got {accelerator!r}")
     if accelerator != "cpu" and torch.cuda.is_available():
         cap = torch.cuda.get_device_capability(0)
-        return DeviceInfo(type="cuda", name=torch.cuda.get_device_name(0), capability=cap, bf16_supported=cap >= (8, 0))
+        name = torch.cuda.get_device_name(0)
+        return DeviceInfo(type="cuda", name=name, capability=cap, bf16_supported=cap >= (8, 0), c_compiler=_has_cc())
     if accelerator in ("cuda", "gpu"):
         raise RuntimeError(f"accelerator={accelerator!r} was requested but torch sees no CUDA device")
-    return DeviceInfo(type="cpu", name="cpu", bf16_supported=True)
+    faster = measure_cpu_bf16 and cpu_bf16_speedup() >= CPU_BF16_MIN_SPEEDUP
+    return DeviceInfo(type="cpu", name="cpu", bf16_supported=True, cpu_bf16_faster=faster, c_compiler=_has_cc())
+
+
+def _has_cc() -> bool:
+    return any(shutil.which(cc) for cc in (os.environ.get("CC") or "", "gcc", "clang", "cc") if cc)
+
+
+def cpu_bf16_candidate(requested: str, model: nn.Module) -> bool:
+    """Whether bf16 is worth measuring on a CPU: ``"auto"`` was requested and the model is big enough."""
+    auto = str(requested).strip().lower() == "auto"
+    return auto and sum(p.numel() for p in model.parameters()) >= CPU_BF16_MIN_PARAMS
+
+
+@functools.cache
+def cpu_bf16_speedup() -> float:
+    """fp32 time / bf16-autocast time of a training step of a transformer MLP block on this CPU.
+
+    Measured on one thread (CPU time, so other load on the machine barely moves it), once per
+    (CPU model, torch version), and cached in ``keel_home()/cache``; the
+    environment variable ``KEEL_CPU_BF16_SPEEDUP`` (a number) overrides the measurement, for
+    reproducible runs. The block (512 -> 2048 -> 512, 256 rows) is small enough to time in well under
+    a second and large enough that the matmuls, not the autocast casts, dominate, as in a real model.
+    """
+    forced = os.environ.get("KEEL_CPU_BF16_SPEEDUP")
+    if forced:
+        try:
+            return float(forced)
+        except ValueError:
+            raise ValueError(f"KEEL_CPU_BF16_SPEEDUP must be a number, got {forced!r}") from None
+    key = f"{_cpu_name()}|torch {torch.__version__}"
+    path = keel_home() / "cache" / "cpu_bf16.json"
+    try:
+        cache = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        cache = {}  # unreadable: measure again and rewrite it
+    if key not in cache:
+        cache[key] = _time_bf16_speedup()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache, indent=1))
+        os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the new one
+        log.info("measured bf16 autocast on this CPU: %.2fx fp32 (%s)", cache[key], key)
+    return float(cache[key])
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _time_bf16_speedup(repeats: int = 7) -> float:
+    with torch.random.fork_rng(devices=[]):  # building the block must not move the caller's RNG
+        torch.manual_seed(0)
+        block = nn.Sequential(nn.Linear(512, 2048), nn.GELU(), nn.Linear(2048, 512))
+        x = torch.randn(256, 512)
+
+    def step(bf16: bool) -> float:
+        start = time.process_time()  # CPU time of this process: what other processes' load inflates least
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = block(x)
+        out.float().square().mean().backward()
+        return time.process_time() - start
+
+    best = {False: float("inf"), True: float("inf")}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread's CPU time: the kernels' speed, not how busy the other cores are
+    try:
+        for _ in range(repeats):  # interleaved, best of each: robust to bursts of other load
+            for bf16 in (False, True):
+                best[bf16] = min(best[bf16], step(bf16))
+    finally:
+        torch.set_num_threads(threads)
+    return best[False] / best[True]
 
 
 def resolve_precision(requested: str, device: DeviceInfo) -> Precision:

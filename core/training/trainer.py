@@ -27,12 +27,23 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from core.config import keel_home
+from core.distributed import (
+    CommBytesLogger,
+    CommHook,
+    build_strategy,
+    check_distributed,
+    checkpoint_blocks,
+    fsdp_precision_plugin,
+    resolve_checkpoint_classes,
+)
+from core.distributed.activation_checkpointing import ActivationCheckpointing
 from core.registry import ModelRegistry, ModelVersion
 from core.training.callbacks import AtomicCheckpointIO, KeelState, LogLossScale, SkipAwareSchedulers, StepCheckpoint
 from core.training.data import as_loader, dataset_fingerprint
 from core.training.module import LossFn, LossFnModule, OptimConfig
-from core.training.precision import Precision, detect_device, resolve_precision
+from core.training.precision import Precision, cpu_bf16_candidate, detect_device, resolve_precision
 from core.training.scaling import LossScaling, build_precision_plugin, check_loss_scaling
+from core.training.speed import SpeedConfig, backend_flags, is_conv_net, prepare_model, resolve_speed
 
 __all__ = ["Trainer", "TrainConfig", "TrainResult"]
 
@@ -66,9 +77,17 @@ class TrainConfig:
     devices: int = 1
     progress: bool = True
     batch_size: int = 32
+    # Distributed (SPEC 2.2); activation_checkpointing holds the checkpointed class names.
+    num_nodes: int = 1
+    strategy: str = "auto"
+    compression: str = "none"
+    activation_checkpointing: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_loss_scaling(self.loss_scaling)
+        check_distributed(
+            strategy=self.strategy, compression=self.compression, devices=self.devices, num_nodes=self.num_nodes
+        )
         if self.scheduler not in ("cosine", "none"):
             raise ValueError(f"scheduler must be 'cosine' or 'none', got {self.scheduler!r}")
         if self.max_epochs < 1 and self.max_steps < 1:
@@ -125,6 +144,15 @@ class Trainer:
             ``registry`` defaults to ``ModelRegistry()`` under ``keel_home()``.
         scheduler: ``"cosine"`` (its horizon is ``min(max_steps, max_epochs * batches)``) or ``"none"``.
         callbacks: extra Lightning callbacks.
+        speed: the speed defaults (TF32, cuDNN autotuning, channels-last, fused AdamW, ``torch.compile``);
+            each is decided from the device and the model and logged with its reason. ``SpeedConfig(compile=False)``
+            turns one off, ``SpeedConfig.off()`` all (``core.training.speed``).
+        num_nodes / strategy: ``"auto"`` (DDP when ``devices * num_nodes > 1``), ``"ddp"`` or ``"fsdp"``;
+            launch with ``torchrun`` on every node for several machines (``docs/distributed.md``).
+        compression: DDP gradient compression, ``"none" | "fp16" | "bf16" | "int8" | "powersgd"``
+            (``core.distributed.hooks``); bytes on the wire are logged.
+        activation_checkpointing: True (the model's repeated blocks) or the block classes to recompute
+            in backward instead of storing their activations.
         The rest map one to one onto Lightning's Trainer. ``devices > 1`` runs, but resuming there
         restarts the interrupted epoch's data order (exact mid-epoch resume is single-device).
     """
@@ -153,6 +181,11 @@ class Trainer:
         devices: int = 1,
         progress: bool = True,
         callbacks: Sequence[pl.Callback] = (),
+        num_nodes: int = 1,
+        strategy: str = "auto",
+        compression: str = "none",
+        activation_checkpointing: ActivationCheckpointing = False,
+        speed: SpeedConfig | None = None,
     ) -> None:
         if isinstance(model, pl.LightningModule):
             if loss_fn is not None:
@@ -166,6 +199,7 @@ class Trainer:
         self.loss_fn = loss_fn
         self.registry = registry
         self.callbacks = list(callbacks)
+        self.checkpoint_classes = resolve_checkpoint_classes(model, activation_checkpointing)
         self.config = TrainConfig(
             precision=precision,
             loss_scaling=loss_scaling,
@@ -184,8 +218,15 @@ class Trainer:
             accelerator=accelerator,
             devices=devices,
             progress=progress,
+            num_nodes=num_nodes,
+            strategy=strategy,
+            compression=compression,
+            activation_checkpointing=tuple(c.__name__ for c in self.checkpoint_classes),
         )
-        self.precision = resolve_precision(precision, detect_device(accelerator))
+        self.comm: CommHook | None = None  # the gradient-compression hook of the last DDP run
+        device = detect_device(accelerator, measure_cpu_bf16=cpu_bf16_candidate(precision, model))
+        self.precision = resolve_precision(precision, device)
+        self.speed = resolve_speed(SpeedConfig() if speed is None else speed, device, conv_net=is_conv_net(model))
         self.module = self._lightning_module()
 
     def _lightning_module(self) -> pl.LightningModule:
@@ -194,9 +235,14 @@ class Trainer:
         assert self.loss_fn is not None
         cfg = self.config
         optim = OptimConfig(
-            lr=cfg.lr, weight_decay=cfg.weight_decay, scheduler=cfg.scheduler, warmup_steps=cfg.warmup_steps
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            scheduler=cfg.scheduler,
+            warmup_steps=cfg.warmup_steps,
+            fused=self.speed.enabled("fused_adamw"),
         )
-        return LossFnModule(self.model, self.loss_fn, optim=optim)
+        channels_last = self.speed.enabled("channels_last")
+        return LossFnModule(self.model, self.loss_fn, optim=optim, channels_last_inputs=channels_last)
 
     def train(self, train: Any, val: Any = None, *, epochs: int | None = None, batch_size: int = 32) -> TrainResult:
         """Fit on ``train`` (a Dataset, DataLoader or LightningDataModule); validate on ``val`` each epoch.
@@ -209,19 +255,23 @@ class Trainer:
         """
         cfg = dataclasses.replace(self.config, max_epochs=epochs or self.config.max_epochs, batch_size=batch_size)
         log.info("precision: %s (%s)", self.precision.name, self.precision.reason)
+        self.speed.log()
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         resolved = {
             **dataclasses.asdict(cfg),
             "precision_resolved": self.precision.name,
             "precision_reason": self.precision.reason,
+            "speed": self.speed.as_dict(),
         }
         fit_kwargs = self._fit_inputs(train, val, cfg)
         if isinstance(self.module, LossFnModule):
             self.module.total_steps = _total_steps(fit_kwargs.get("train_dataloaders"), cfg)
         ckpt_path = self._resume_path(cfg)
         state = KeelState(resolved)
-        with _quiet_lightning():
+        with _quiet_lightning(), backend_flags(self.speed):
             trainer, ckpt = self._lightning_trainer(cfg, state)
+            # In place, after any activation-checkpoint wrapping: state_dict keys stay the eager model's.
+            prepare_model(self.model if isinstance(self.module, LossFnModule) else self.module, self.speed)
             # Keel writes checkpoints in weights_only-safe types, so resuming never runs a full unpickler.
             trainer.fit(self.module, ckpt_path=ckpt_path, weights_only=True, **fit_kwargs)
             if ckpt is not None and ckpt.saved_step != trainer.global_step:
@@ -238,7 +288,7 @@ class Trainer:
         if isinstance(train, pl.LightningDataModule):
             return {"datamodule": train}
         # Lightning swaps in a DistributedSampler on several devices; exact mid-epoch resume is single-device.
-        resumable = cfg.devices == 1
+        resumable = cfg.devices * cfg.num_nodes == 1
         if not resumable:
             log.warning("devices=%s: a resume continues at the right step but restarts the epoch order", cfg.devices)
         bs, seed = cfg.batch_size, cfg.seed
@@ -251,13 +301,28 @@ class Trainer:
         root = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else keel_home() / "runs"
         device_type = detect_device(cfg.accelerator).type
         plugin = build_precision_plugin(self.precision.name, device_type=device_type, loss_scaling=cfg.loss_scaling)
+        if cfg.strategy == "fsdp":
+            plugin = fsdp_precision_plugin(self.precision.name)
         ckpt = StepCheckpoint(root, cfg.checkpoint_every_n_steps) if cfg.checkpoint_dir else None
         callbacks: list[pl.Callback] = [state, SkipAwareSchedulers(), LogLossScale(), *self.callbacks]
         if ckpt is not None:
             callbacks.append(ckpt)
+        strategy, self.comm = build_strategy(
+            strategy=cfg.strategy,
+            compression=cfg.compression,
+            world_size=cfg.devices * cfg.num_nodes,
+            model=self.model,
+            checkpoint_classes=self.checkpoint_classes,
+        )
+        if self.checkpoint_classes:
+            checkpoint_blocks(self.model, self.checkpoint_classes)
+        if self.comm is not None:
+            callbacks.append(CommBytesLogger(self.comm, every_n_steps=cfg.log_every_n_steps))
         trainer = pl.Trainer(
             accelerator=device_type,
             devices=cfg.devices,
+            num_nodes=cfg.num_nodes,
+            strategy=strategy,
             max_epochs=cfg.max_epochs,
             max_steps=cfg.max_steps,
             plugins=[plugin, AtomicCheckpointIO()],
