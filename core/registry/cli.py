@@ -1,4 +1,4 @@
-"""``keel registry ls / show / promote``: the registry from the command line."""
+"""``keel registry ls / show / promote / import``: the registry from the command line."""
 
 from __future__ import annotations
 
@@ -82,3 +82,26 @@ def promote(
         return
     before = f"v{event.from_version}" if event.from_version is not None else "nothing"
     typer.echo(f"{name}@{alias}: {before} -> v{event.to_version}")
+
+
+@registry_app.command("import")
+def import_(
+    converter: Annotated[str, typer.Argument(help="Converter: 'efficientnet-lite0' or 'resnet50'.")],
+    weights: Annotated[
+        Path | None, typer.Argument(help="Weight file (default: the converter's packaged weights, if any).")
+    ] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Registry name (default: the converter's).")] = None,
+    alias: Annotated[list[str] | None, typer.Option("--alias", help="Alias(es) to point at the new version.")] = None,
+    root: RootOpt = None,
+) -> None:
+    """Convert a local pretrained weight file into a timm architecture and register it (with its provenance)."""
+    from core.registry.importers import WeightFileError, import_weights
+    from core.utils.registry import UnknownNameError
+
+    try:
+        mv = import_weights(converter, weights, registry=_open(root), name=name, aliases=tuple(alias or ()))
+    except (WeightFileError, UnknownNameError, ValueError) as err:
+        _fail(str(err))
+        return
+    source = mv.config["source"]
+    typer.echo(f"registered {mv.ref} ({mv.architecture}) from {source['file']} (sha256 {source['sha256'][:12]})")

