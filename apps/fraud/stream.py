@@ -24,7 +24,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,19 +95,10 @@ class FraudStreamProcessor:
     alerts_topic: str
     model_ref: str
     alerted_upto: dict[tuple[str, int], int] = field(default_factory=dict)
-    chunk_size: int = 500
-    pipelined: bool = True
     scored: int = 0
     alerts: int = 0
     first_batch_at: float | None = None  # monotonic clock, for throughput without the group-join wait
     last_batch_at: float | None = None
-    _scorer: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
-        if self.pipelined:
-            self._scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fraud-score")
 
     @property
     def events_per_s(self) -> float:
@@ -137,37 +127,16 @@ class FraudStreamProcessor:
         self.scored += len(items)
         return rejected
 
-    def score(self, items: list[dict[str, Any]]) -> np.ndarray:
-        """Features (folding the items into the state, in order) -> calibrated probabilities.
-
-        Two stages on two cores: features must be built in order, one transaction after another, in Python
-        (holding the GIL); the networks and trees release the GIL. So the batch goes through in chunks of
-        ``chunk_size``, and chunk ``k`` is scored on a worker thread while chunk ``k + 1`` is featurised.
-        The result does not depend on the chunking: each row's features come from the strict past.
-        """
-        if self._scorer is None or len(items) <= self.chunk_size:
-            return self._score_features(self.predictor.featurize(items))
-        pending = []
-        for start in range(0, len(items), self.chunk_size):
-            features = self.predictor.featurize(items[start : start + self.chunk_size])
-            pending.append(self._scorer.submit(self._score_features, features))
-        return np.concatenate([f.result() for f in pending])
-
     @torch.no_grad()
-    def _score_features(self, features: tuple[np.ndarray, np.ndarray | None, np.ndarray | None]) -> np.ndarray:
-        dense, seq, lengths = features
+    def score(self, items: list[dict[str, Any]]) -> np.ndarray:
+        """Features (folding the items into the state, in order) -> calibrated probabilities, one batch."""
+        dense, seq, lengths = self.predictor.featurize(items)
         logits = self.predictor.logits(
             torch.as_tensor(dense),
             None if seq is None else torch.as_tensor(seq),
             None if lengths is None else torch.as_tensor(lengths),
         )
         return self.predictor.probability(logits).numpy()
-
-    def close(self) -> None:
-        """Stops the scoring thread (the processor still scores, on the calling thread)."""
-        if self._scorer is not None:
-            self._scorer.shutdown()
-            self._scorer = None
 
     def _alert(self, e: Event, item: dict[str, Any], p: float) -> dict[str, Any]:
         return {
@@ -228,20 +197,17 @@ def run_stream(
         processor = FraudStreamProcessor(load_predictor(version, state), bus, alerts_topic, version.ref)
         bus.create_topics([topic, alerts_topic])
         t0 = time.monotonic()
-        try:
-            replayed = restore(processor, topic=topic, group_id=group_id)
-            log.info("restored %d events of state in %.1f s", replayed, time.monotonic() - t0)
-            stats = run_consumer(
-                bus,
-                [topic],
-                group_id=group_id,
-                handler=processor,
-                max_events=max_events,
-                idle_timeout_s=idle_timeout_s,
-                max_poll_records=max_poll_records,
-            )
-        finally:
-            processor.close()
+        replayed = restore(processor, topic=topic, group_id=group_id)
+        log.info("restored %d events of state in %.1f s", replayed, time.monotonic() - t0)
+        stats = run_consumer(
+            bus,
+            [topic],
+            group_id=group_id,
+            handler=processor,
+            max_events=max_events,
+            idle_timeout_s=idle_timeout_s,
+            max_poll_records=max_poll_records,
+        )
         return {
             "model": version.ref,
             "replayed": replayed,
