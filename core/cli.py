@@ -45,6 +45,11 @@ def build_cli() -> typer.Typer:
     cli.add_typer(eval_app, name="eval")
     cli.add_typer(stream_app, name="stream")
     cli.add_typer(registry_app, name="registry", help="List, show and promote registered model versions.")
+    from core.compression.cli import compress_command
+
+    cli.command("compress", help="Compress a registered model (SPEC 2.6); registers the result with its lineage.")(
+        compress_command
+    )
     return cli
 
 

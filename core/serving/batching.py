@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter, deque
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -76,6 +76,10 @@ class MicroBatcher(Generic[T, R]):
         bucket_key: optional length bucketing: only items with the same key share a batch (e.g. ``len(tokens) //
             32``), so padding stays small.
         worker_init: run once in the worker thread before its first batch (e.g. to set torch's thread count).
+        plan: optional batch planner, the general form of ``bucket_key``: given the items of a collected batch, returns
+            the groups to run one after another as lists of indices into it, each index exactly once (e.g.
+            :class:`core.lite.TokenBudgetPlanner`: similar lengths together, padded tokens under a budget). A plan
+            that breaks that rule, or raises, fails the whole batch with the error. Not together with ``bucket_key``.
 
     An exception raised by ``fn`` fails only the futures of that batch.
     """
@@ -88,7 +92,10 @@ class MicroBatcher(Generic[T, R]):
         max_delay_ms: float = 0.0,
         bucket_key: Callable[[T], Hashable] | None = None,
         worker_init: Callable[[], None] | None = None,
+        plan: Callable[[list[T]], Sequence[Sequence[int]]] | None = None,
     ) -> None:
+        if bucket_key is not None and plan is not None:
+            raise ValueError("give bucket_key or plan, not both (a plan can bucket by key itself)")
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_delay_ms < 0:
@@ -98,6 +105,7 @@ class MicroBatcher(Generic[T, R]):
         self.max_delay_s = max_delay_ms / 1000.0
         self.bucket_key = bucket_key
         self.worker_init = worker_init
+        self.plan = plan
         self.stats = BatchStats()
         self._pending: deque[_Pending[T, R]] = deque()
         self._wakeup: asyncio.Event | None = None
@@ -172,6 +180,8 @@ class MicroBatcher(Generic[T, R]):
         return [self._pending.popleft() for _ in range(size)]
 
     def _split_by_bucket(self, batch: list[_Pending[T, R]]) -> list[list[_Pending[T, R]]]:
+        if self.plan is not None:
+            return self._split_by_plan(batch, self.plan)
         if self.bucket_key is None:
             return [batch]
         groups: dict[Hashable, list[_Pending[T, R]]] = {}
@@ -183,6 +193,23 @@ class MicroBatcher(Generic[T, R]):
                 continue
             groups.setdefault(key, []).append(pending)
         return list(groups.values())
+
+    @staticmethod
+    def _split_by_plan(
+        batch: list[_Pending[T, R]], plan: Callable[[list[T]], Sequence[Sequence[int]]]
+    ) -> list[list[_Pending[T, R]]]:
+        try:
+            groups = [list(group) for group in plan([p.item for p in batch])]
+            used = sorted(i for group in groups for i in group)
+            if used != list(range(len(batch))) or not all(groups):
+                raise ValueError(
+                    f"batch plan must name each of the {len(batch)} items exactly once in non-empty groups; "
+                    f"got {len(groups)} groups naming indices {used[:16]}{' ...' if len(used) > 16 else ''}"
+                )
+        except Exception as exc:  # every caller gets the planner's error instead of waiting forever
+            _fail(batch, exc)
+            return []
+        return [[batch[i] for i in group] for group in groups]
 
     async def _run_group(self, group: list[_Pending[T, R]]) -> None:
         live = [p for p in group if not p.future.done()]  # callers that gave up (client went away) are skipped

@@ -58,6 +58,8 @@ class ModelHandle:
         max_batch_size: most requests per ``predict_batch`` call (``1``: no batching).
         max_delay_ms: longest a request waits for its batch to fill.
         bucket_key: optional length-bucketing key, see :class:`~core.serving.batching.MicroBatcher`.
+        plan: optional batch planner (e.g. :class:`core.lite.TokenBudgetPlanner` for variable-length sequences under
+            a token budget), see :class:`~core.serving.batching.MicroBatcher`; not together with ``bucket_key``.
         reload_interval_s: how often the registry is polled for a moved alias; ``0`` turns polling off.
         torch_threads: torch intra-op threads for inference (process-wide), set from the batch worker thread;
             ``None`` keeps torch's default. On small CPU boxes ``1`` usually serves best: the event loop needs a
@@ -75,6 +77,7 @@ class ModelHandle:
         bucket_key: Callable[[Any], Hashable] | None = None,
         reload_interval_s: float = 2.0,
         torch_threads: int | None = None,
+        plan: Callable[[list[Any]], Sequence[Sequence[int]]] | None = None,
     ) -> None:
         if "@" not in ref or not all(ref.partition("@")[::2]):
             raise ValueError(f"model ref must look like 'name@alias' or 'name@version', got {ref!r}")
@@ -89,6 +92,7 @@ class ModelHandle:
         self.max_batch_size = max_batch_size
         self.max_delay_ms = max_delay_ms
         self.bucket_key = bucket_key
+        self.plan = plan
         self.torch_threads = torch_threads
         self.last_error: str | None = None
         self._serving: _Serving | None = None
@@ -107,6 +111,7 @@ class ModelHandle:
         load: LoadFn,
         registry: ModelRegistry | None = None,
         bucket_key: Callable[[Any], Hashable] | None = None,
+        plan: Callable[[list[Any]], Sequence[Sequence[int]]] | None = None,
     ) -> ModelHandle:
         """A handle configured from ``KEEL_*`` settings (batching, reload interval, registry folder)."""
         if registry is None:
@@ -120,6 +125,7 @@ class ModelHandle:
             bucket_key=bucket_key,
             reload_interval_s=settings.reload_interval_s,
             torch_threads=settings.torch_threads,
+            plan=plan,
         )
 
     @property
@@ -181,6 +187,7 @@ class ModelHandle:
             max_batch_size=self.max_batch_size,
             max_delay_ms=self.max_delay_ms,
             bucket_key=self.bucket_key,
+            plan=self.plan,
             worker_init=None if threads is None else functools.partial(torch.set_num_threads, threads),
         )
         batcher.stats = self._stats  # one histogram for the handle's life, across restarts
