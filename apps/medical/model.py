@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from core.registry import ModelRegistry, ModelVersion, build_imported
+from core.registry.importers import IMAGENET_MEAN, IMAGENET_STD
 from core.utils.registry import Registry
 
 __all__ = [
@@ -36,9 +37,6 @@ __all__ = [
     "load_predictor",
     "pretrained_net",
 ]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
