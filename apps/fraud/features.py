@@ -42,12 +42,11 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Mapping, Sequence
-from operator import itemgetter
 from typing import Any
 
 import numpy as np
 
-from core.features import FeatureStore, WindowFeatures, WindowSpec, create_store
+from core.features import FeatureStore, WindowBatch, WindowSpec, create_store
 
 __all__ = ["FEATURE_NAMES", "SEQ_FEATURES", "FraudFeatureBuilder", "Transaction"]
 
@@ -82,9 +81,9 @@ SEQ_FEATURES: tuple[str, ...] = ("log_amount", "log_dt_next", "hour_sin", "hour_
 _REQUIRED = ("ts", "card_id", "terminal_id", "amount")
 
 
-def _time_of_day(ts: float) -> tuple[float, float]:
-    angle = 2.0 * math.pi * (ts % DAY) / DAY
-    return math.sin(angle), math.cos(angle)
+def _time_of_day(ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    angle = 2.0 * np.pi * (ts % DAY) / DAY
+    return np.sin(angle), np.cos(angle)
 
 
 def _parse(tx: Transaction, i: int) -> tuple[float, str, str, float, int | None]:
@@ -161,7 +160,7 @@ class FraudFeatureBuilder:
             # Feedback arrives out of order over up to a delay period; accept it all.
             allowed_lateness=max(self.label_delay_s, allowed_lateness_s),
         )
-        self._term_velocity = itemgetter(*(term_windows.index(w) for w in velocity))  # picks 1h, 1d, 7d
+        self._term_velocity = [term_windows.index(w) for w in velocity]  # picks 1h, 1d, 7d
         # Where the delayed window's two ends sit in each spec's windows (None: a zero delay has no inner window).
         self._term_delayed = _delayed_index(self.terminal_spec, delayed)
         self._label_delayed = _delayed_index(self.label_spec, delayed)
@@ -179,27 +178,47 @@ class FraudFeatureBuilder:
             ``dense`` (B, len(FEATURE_NAMES)) float32, ``seq`` (B, history, len(SEQ_FEATURES)) float32 and
             ``lengths`` (B,) int64, the number of real steps of each sequence.
         """
-        rows: list[list[float]] = []
-        steps = _SeqSteps()
-        store, card_spec, terminal_spec, label_spec = self.store, self.card_spec, self.terminal_spec, self.label_spec
-        read, update, pending = store.read, store.update, self._pending  # bound once: this loop is the hot path
-        for i, tx in enumerate(txns):
-            ts, card, terminal, amount, y = _parse(tx, i)
-            if pending and pending[0][0] <= ts - self.label_delay_s:
-                self._release_labels(upto=ts - self.label_delay_s)
-            before = math.nextafter(ts, -math.inf)
-            card_f = read(card_spec, card, now=before)
-            term_f = read(terminal_spec, terminal, now=before)
-            rows.append(self._dense(ts, amount, card_f, term_f, read(label_spec, terminal, now=before)))
-            steps.add(ts, terminal, card_f)
-            update(card_spec, card, ts=ts, value=amount, distinct=terminal)
-            update(terminal_spec, terminal, ts=ts, value=amount)
-            if y is not None:
-                heapq.heappush(pending, (ts, self._pending_seq, terminal, y))
-                self._pending_seq += 1
-        dense = np.asarray(rows, dtype=np.float32).reshape(len(rows), len(FEATURE_NAMES))
-        seq, lengths = steps.to_arrays(self.history)
+        parsed = [_parse(tx, i) for i, tx in enumerate(txns)]
+        ts, cards, terminals, amounts, labels = (list(col) for col in zip(*parsed, strict=True)) if parsed else [[]] * 5
+        # One columnar pass per spec (card and terminal state are independent, so spec by spec equals event by
+        # event): each row reads its key strictly before its ts, then folds its own event in.
+        card = self.store.read_before(self.card_spec, keys=cards, ts=ts, values=amounts, distinct=terminals)
+        term = self.store.read_before(self.terminal_spec, keys=terminals, ts=ts, values=amounts)
+        known = self._label_features(ts, terminals, labels)
+        t = np.asarray(ts, dtype=np.float64)
+        dense = self._dense(t, np.asarray(amounts, dtype=np.float64), card, term, known)
+        seq, lengths = _sequences(t, terminals, card, self.history)
         return dense, seq, lengths
+
+    def _label_features(self, ts: list[float], terminals: list[str], labels: list[int | None]) -> WindowBatch:
+        """The label windows of each transaction's terminal, with exactly the labels known at its time.
+
+        Reads are batched over runs of transactions spanning at most half the label delay. Before a run, every
+        pending label older than ``run end - delay`` is released. That can release labels a transaction early
+        in the run would not have seen yet, but those lie within ``delay`` of its time, where they fall in both
+        the ``delay`` and the ``delay + 7d`` window and cancel in the delayed counts and sums; labels of the run
+        itself are queued only after its reads. So every read equals the event-by-event replay's.
+        """
+        n, half = len(ts), self.label_delay_s / 2
+        batches, start = [], 0
+        while start < n:
+            lo = hi = ts[start]
+            stop = start + 1
+            while stop < n and max(hi, ts[stop]) - min(lo, ts[stop]) <= half:
+                lo, hi = min(lo, ts[stop]), max(hi, ts[stop])
+                stop += 1
+            if self._pending and self._pending[0][0] <= hi - self.label_delay_s:
+                self._release_labels(upto=hi - self.label_delay_s)
+            batches.append(self.store.read_before(self.label_spec, keys=terminals[start:stop], ts=ts[start:stop]))
+            for i in range(start, stop):
+                y = labels[i]
+                if y is not None:
+                    heapq.heappush(self._pending, (ts[i], self._pending_seq, terminals[i], y))
+                    self._pending_seq += 1
+            start = stop
+        if len(batches) == 1:
+            return batches[0]
+        return _concat(batches) if batches else self.store.read_before(self.label_spec, keys=[], ts=[])
 
     def record_labels(self, items: Sequence[tuple[str | int, float, int]]) -> int:
         """Fold in fraud feedback ``(terminal_id, transaction ts, label)``; returns how many were accepted.
@@ -225,71 +244,82 @@ class FraudFeatureBuilder:
             self.store.update(self.label_spec, terminal, ts=ts, value=float(y))
 
     def _dense(
-        self, ts: float, amount: float, card: WindowFeatures, term: WindowFeatures, labels: WindowFeatures
-    ) -> list[float]:
+        self, ts: np.ndarray, amount: np.ndarray, card: WindowBatch, term: WindowBatch, labels: WindowBatch
+    ) -> np.ndarray:
         hour_sin, hour_cos = _time_of_day(ts)
-        n7, mean7, std7 = card.counts[2], card.means[2], card.stds[2]
-        ratio = amount / mean7 if n7 and mean7 > 0 else 1.0
-        zscore = (amount - mean7) / (std7 + 1.0) if n7 >= 2 else 0.0
-        delayed_tx = _delayed_sum(term.counts, self._term_delayed)
-        delayed_labelled = _delayed_sum(labels.counts, self._label_delayed)
-        delayed_fraud = round(_delayed_sum(labels.sums, self._label_delayed))
-        denom = max(delayed_tx, delayed_labelled)
-        return [
-            math.log1p(amount),
+        n7, mean7, std7 = card.counts[:, 2], card.means[:, 2], card.stds[:, 2]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where((n7 > 0) & (mean7 > 0), amount / mean7, 1.0)
+            zscore = np.where(n7 >= 2, (amount - mean7) / (std7 + 1.0), 0.0)
+            delayed_tx = _delayed_sum(term.counts, self._term_delayed)
+            delayed_labelled = _delayed_sum(labels.counts, self._label_delayed)
+            delayed_fraud = np.round(_delayed_sum(labels.sums, self._label_delayed))
+            denom = np.maximum(delayed_tx, delayed_labelled)
+            risk = np.where(denom > 0, delayed_fraud / denom, 0.0)
+        assert card.distinct is not None  # the card spec tracks distinct terminals
+        columns = [
+            np.log1p(amount),
             hour_sin,
             hour_cos,
-            *card.counts[:3],
-            *card.sums[:3],
+            *card.counts[:, :3].T,
+            *card.sums[:, :3].T,
             mean7,
             std7,
             ratio,
             zscore,
-            math.log1p(_gap(card, ts, CARD_HISTORY_S)),
-            card.distinct[2] if card.distinct else 0,
-            *self._term_velocity(term.counts),
-            *self._term_velocity(term.sums),
-            math.log1p(_gap(term, ts, TERMINAL_GAP_CAP_S)),
+            np.log1p(_gap(card, ts, CARD_HISTORY_S)),
+            card.distinct[:, 2],
+            *term.counts[:, self._term_velocity].T,
+            *term.sums[:, self._term_velocity].T,
+            np.log1p(_gap(term, ts, TERMINAL_GAP_CAP_S)),
             delayed_tx,
             delayed_fraud,
-            delayed_fraud / denom if denom else 0.0,
+            risk,
         ]
+        return np.stack(columns, axis=1).astype(np.float32).reshape(len(ts), len(FEATURE_NAMES))
 
 
-class _SeqSteps:
-    """Collects the history steps of a batch in flat lists, then turns them into features in one numpy pass."""
-
-    def __init__(self) -> None:
-        self.lengths: list[int] = []
-        self.ts: list[float] = []
-        self.amounts: list[float] = []
-        self.nexts: list[float] = []
-        self.same: list[bool] = []
-
-    def add(self, ts: float, terminal: str, card: WindowFeatures) -> None:
-        self.lengths.append(len(card.last_ts))
-        if card.last_ts:
-            self.ts.extend(card.last_ts)
-            self.amounts.extend(card.last_values)
-            self.nexts.extend(card.last_ts[1:])
-            self.nexts.append(ts)  # the last step's next transaction is the current one
-            self.same.extend(map(terminal.__eq__, card.last_distinct or ()))
-
-    def to_arrays(self, history: int) -> tuple[np.ndarray, np.ndarray]:
-        lengths = np.asarray(self.lengths, dtype=np.int64)
-        seq = np.zeros((len(lengths), history, len(SEQ_FEATURES)), dtype=np.float32)
-        if not self.ts:
-            return seq, lengths
-        t = np.asarray(self.ts)
-        angle = 2.0 * np.pi * (t % DAY) / DAY
-        values = np.stack(
-            [np.log1p(self.amounts), np.log1p(np.asarray(self.nexts) - t), np.sin(angle), np.cos(angle), self.same],
-            axis=1,
-        )  # (total steps, S)
-        starts = np.cumsum(lengths) - lengths
-        rows = np.repeat(np.arange(len(lengths)), lengths)
-        seq[rows, np.arange(len(t)) - np.repeat(starts, lengths)] = values
+def _sequences(ts: np.ndarray, terminals: list[str], card: WindowBatch, history: int) -> tuple[np.ndarray, np.ndarray]:
+    """The card's last ``history`` transactions before each one, as zero-padded steps (see the module docstring)."""
+    lengths = card.last_lengths
+    seq = np.zeros((len(lengths), history, len(SEQ_FEATURES)), dtype=np.float32)
+    if not len(card.last_ts):
         return seq, lengths
+    t = card.last_ts
+    nexts = np.empty_like(t)
+    nexts[:-1] = t[1:]
+    has = lengths > 0
+    nexts[np.cumsum(lengths)[has] - 1] = ts[has]  # the last step's next transaction is the current one
+    own = np.repeat(np.asarray(terminals), lengths)
+    same = np.asarray(card.last_distinct) == own
+    angle = 2.0 * np.pi * (t % DAY) / DAY
+    values = np.stack(
+        [np.log1p(card.last_values), np.log1p(nexts - t), np.sin(angle), np.cos(angle), same], axis=1
+    )  # (total steps, S)
+    starts = np.cumsum(lengths) - lengths
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    seq[rows, np.arange(len(t)) - np.repeat(starts, lengths)] = values
+    return seq, lengths
+
+
+def _concat(batches: list[WindowBatch]) -> WindowBatch:
+    def cat(name: str) -> np.ndarray:
+        return np.concatenate([getattr(b, name) for b in batches])
+
+    distinct = None if batches[0].distinct is None else cat("distinct")
+    last_distinct = None if batches[0].last_distinct is None else [d for b in batches for d in b.last_distinct or ()]
+    return WindowBatch(
+        counts=cat("counts"),
+        sums=cat("sums"),
+        means=cat("means"),
+        stds=cat("stds"),
+        distinct=distinct,
+        time_since_last=cat("time_since_last"),
+        last_lengths=cat("last_lengths"),
+        last_ts=cat("last_ts"),
+        last_values=cat("last_values"),
+        last_distinct=last_distinct,
+    )
 
 
 def _delayed_index(spec: WindowSpec, delayed: tuple[float, float]) -> tuple[int | None, int]:
@@ -297,12 +327,12 @@ def _delayed_index(spec: WindowSpec, delayed: tuple[float, float]) -> tuple[int 
     return (spec.windows.index(near) if near > 0 else None), spec.windows.index(far)
 
 
-def _delayed_sum(col: tuple[float, ...], index: tuple[int | None, int]) -> float:
-    """Count (or sum) over ``[t - d - 7d, t - d)``: the (d + 7d)-window minus the d-window."""
+def _delayed_sum(col: np.ndarray, index: tuple[int | None, int]) -> np.ndarray:
+    """Count (or sum) over ``[t - d - 7d, t - d)``: the (d + 7d)-window minus the d-window; ``col`` is (B, W)."""
     near, far = index
-    return col[far] - (col[near] if near is not None else 0)
+    return col[:, far] - (col[:, near] if near is not None else 0)
 
 
-def _gap(feats: WindowFeatures, ts: float, cap: float) -> float:
+def _gap(feats: WindowBatch, ts: np.ndarray, cap: float) -> np.ndarray:
     # time_since_last was measured from just before ts; this is from ts itself, capped for keys seen long ago.
-    return min(feats.time_since_last + (ts - math.nextafter(ts, -math.inf)), cap)
+    return np.minimum(feats.time_since_last + (ts - np.nextafter(ts, -np.inf)), cap)

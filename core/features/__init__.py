@@ -31,7 +31,7 @@ Example::
 from core.features.memory import MemoryFeatureStore
 from core.features.redis_store import RedisFeatureStore
 from core.features.store import FEATURE_STORE_BACKENDS, FeatureStore, Key, create_store
-from core.features.windows import StoreStats, WindowFeatures, WindowSpec, aggregate_events
+from core.features.windows import StoreStats, WindowBatch, WindowFeatures, WindowSpec, aggregate_events
 
 __all__ = [
     "FEATURE_STORE_BACKENDS",
@@ -40,6 +40,7 @@ __all__ = [
     "MemoryFeatureStore",
     "RedisFeatureStore",
     "StoreStats",
+    "WindowBatch",
     "WindowFeatures",
     "WindowSpec",
     "aggregate_events",

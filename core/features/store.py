@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
-from core.features.windows import StoreStats, WindowFeatures, WindowSpec
+from core.features.windows import StoreStats, WindowBatch, WindowFeatures, WindowSpec
 from core.utils.registry import Registry
 
 __all__ = ["FeatureStore", "Key", "FEATURE_STORE_BACKENDS", "create_store", "check_batch", "broadcast_now"]
@@ -47,6 +48,35 @@ class FeatureStore(ABC):
     @abstractmethod
     def read_many(self, spec: WindowSpec, *, keys: Sequence[Key], now: float | Sequence[float]) -> list[WindowFeatures]:
         """:meth:`read` for many keys, at one time or at one time per key."""
+
+    def read_before(
+        self,
+        spec: WindowSpec,
+        *,
+        keys: Sequence[Key],
+        ts: Sequence[float],
+        values: Sequence[float] | None = None,
+        distinct: Sequence[str] | None = None,
+    ) -> WindowBatch:
+        """Point-in-time features of a stream of events, as columns.
+
+        Row ``i`` aggregates ``keys[i]``'s events strictly before ``ts[i]`` (a :meth:`read` at
+        ``nextafter(ts[i], -inf)``). With ``values`` (and ``distinct`` when the spec tracks it), event ``i`` is
+        folded in right after its own read, so later rows of the same key see it: the same state and results as
+        alternating :meth:`read` and :meth:`update` event by event, which is what this default does. Backends
+        override it with a faster path that gives the same numbers.
+        """
+        if values is not None:
+            check_batch(keys, ts=ts, values=values, distinct=distinct)
+        elif len(ts) != len(keys):
+            raise ValueError(f"read_before: keys has {len(keys)} items but ts has {len(ts)}; pass one time per key")
+        rows = []
+        for i, key in enumerate(keys):
+            t = float(ts[i])
+            rows.append(self.read(spec, key, now=math.nextafter(t, -math.inf)))
+            if values is not None:
+                self.update(spec, key, ts=t, value=values[i], distinct=None if distinct is None else distinct[i])
+        return WindowBatch.from_features(spec, rows)
 
     @abstractmethod
     def stats(self, spec: WindowSpec) -> StoreStats:

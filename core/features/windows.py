@@ -12,7 +12,9 @@ from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["WindowSpec", "WindowFeatures", "StoreStats", "aggregate_events", "check_event"]
+import numpy as np
+
+__all__ = ["WindowSpec", "WindowFeatures", "WindowBatch", "StoreStats", "aggregate_events", "check_event"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +75,71 @@ class WindowFeatures:
     last_values: tuple[float, ...]
     last_distinct: tuple[str, ...] | None
     time_since_last: float
+
+
+@dataclass(frozen=True, slots=True)
+class WindowBatch:
+    """The features of many reads as columns (row ``i`` is read ``i``), for batch consumers such as model inputs.
+
+    Per-window columns are ``(B, len(spec.windows))``: ``counts`` and ``distinct`` int64, ``sums``, ``means`` and
+    ``stds`` float64. ``time_since_last`` is ``(B,)`` (``inf`` for none). The last events of all rows are
+    concatenated, oldest -> newest within a row: row ``i`` owns ``last_lengths[i]`` entries of ``last_ts``,
+    ``last_values`` and ``last_distinct``, starting at ``last_lengths[:i].sum()``.
+    """
+
+    counts: np.ndarray
+    sums: np.ndarray
+    means: np.ndarray
+    stds: np.ndarray
+    distinct: np.ndarray | None
+    time_since_last: np.ndarray
+    last_lengths: np.ndarray
+    last_ts: np.ndarray
+    last_values: np.ndarray
+    last_distinct: list[str] | None
+
+    def __len__(self) -> int:
+        return len(self.time_since_last)
+
+    @classmethod
+    def from_features(cls, spec: WindowSpec, rows: Sequence[WindowFeatures]) -> WindowBatch:
+        """Stack per-read results (what backends without a columnar path return) into columns."""
+        w = len(spec.windows)
+
+        def col(name: str, dtype: type) -> np.ndarray:
+            return np.array([getattr(r, name) for r in rows], dtype=dtype).reshape(len(rows), w)
+
+        last_distinct: list[str] | None = None
+        if spec.track_distinct:
+            last_distinct = [d for r in rows for d in r.last_distinct or ()]
+        return cls(
+            counts=col("counts", np.int64),
+            sums=col("sums", np.float64),
+            means=col("means", np.float64),
+            stds=col("stds", np.float64),
+            distinct=col("distinct", np.int64) if spec.track_distinct else None,
+            time_since_last=np.array([r.time_since_last for r in rows], dtype=np.float64),
+            last_lengths=np.array([len(r.last_ts) for r in rows], dtype=np.int64),
+            last_ts=np.array([t for r in rows for t in r.last_ts], dtype=np.float64),
+            last_values=np.array([v for r in rows for v in r.last_values], dtype=np.float64),
+            last_distinct=last_distinct,
+        )
+
+    def row(self, i: int) -> WindowFeatures:
+        """Read ``i`` as a :class:`WindowFeatures` (for tests and one-off use; the columns are the fast path)."""
+        start = int(self.last_lengths[:i].sum())
+        stop = start + int(self.last_lengths[i])
+        return WindowFeatures(
+            counts=tuple(int(c) for c in self.counts[i]),
+            sums=tuple(float(v) for v in self.sums[i]),
+            means=tuple(float(v) for v in self.means[i]),
+            stds=tuple(float(v) for v in self.stds[i]),
+            distinct=None if self.distinct is None else tuple(int(c) for c in self.distinct[i]),
+            last_ts=tuple(float(t) for t in self.last_ts[start:stop]),
+            last_values=tuple(float(v) for v in self.last_values[start:stop]),
+            last_distinct=None if self.last_distinct is None else tuple(self.last_distinct[start:stop]),
+            time_since_last=float(self.time_since_last[i]),
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import random
 import uuid
 
+import numpy as np
 import pytest
 import redis
 
@@ -94,6 +96,49 @@ def test_batches_equal_one_by_one_calls(twin_stores: tuple[FeatureStore, Feature
     assert batched.read_many(SPEC, keys=read_keys, now=nows[0]) == [
         batched.read(SPEC, key, now=nows[0]) for key in read_keys
     ]
+
+
+@pytest.mark.parametrize("spec", [SPEC, UNSORTED])
+def test_read_before_equals_reading_then_updating_event_by_event(
+    twin_stores: tuple[FeatureStore, FeatureStore], spec: WindowSpec
+) -> None:
+    columnar, single = twin_stores
+    events = _random_events(seed=3, n=400)  # ties, late events and rejections included
+    keys, ts, values, distinct = (list(col) for col in zip(*events, strict=True))
+    first = columnar.read_before(spec, keys=keys[:150], ts=ts[:150], values=values[:150], distinct=distinct[:150])
+    rest = columnar.read_before(spec, keys=keys[150:], ts=ts[150:], values=values[150:], distinct=distinct[150:])
+    want = []
+    for key, t, value, d in events:
+        want.append(single.read(spec, key, now=math.nextafter(t, -math.inf)))
+        single.update(spec, key, ts=t, value=value, distinct=d)
+    assert len(first) + len(rest) == len(want)
+    got = [first.row(i) for i in range(len(first))] + [rest.row(i) for i in range(len(rest))]
+    for g, w in zip(got, want, strict=True):
+        _assert_same(g, w)
+    assert columnar.stats(spec) == single.stats(spec)
+    # Without values it only reads: the state stays as it was.
+    probe = columnar.read_before(spec, keys=["k0", "k0", "nope"], ts=[ts[-1] + 1.0] * 3)
+    assert probe.row(0) == probe.row(1) and probe.row(2).counts == (0, 0, 0)
+    assert columnar.stats(spec) == single.stats(spec)
+
+
+def test_memory_read_before_is_bit_identical_to_the_generic_path() -> None:
+    fast, generic = create_store("memory"), create_store("memory")
+    events = _random_events(seed=4, n=500)
+    keys, ts, values, distinct = (list(col) for col in zip(*events, strict=True))
+    a = fast.read_before(SPEC, keys=keys, ts=ts, values=values, distinct=distinct)
+    b = FeatureStore.read_before(generic, SPEC, keys=keys, ts=ts, values=values, distinct=distinct)
+    for name in ("counts", "sums", "means", "stds", "distinct", "time_since_last", "last_lengths", "last_ts"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    assert a.last_distinct == b.last_distinct and np.array_equal(a.last_values, b.last_values)
+
+
+def test_read_before_checks_its_columns() -> None:
+    store = create_store("memory")
+    with pytest.raises(ValueError, match="ts has 1"):
+        store.read_before(SPEC, keys=["a", "b"], ts=[1.0])
+    with pytest.raises(ValueError, match="differ"):
+        store.read_before(SPEC, keys=["a", "b"], ts=[1.0, 2.0], values=[1.0], distinct=["x", "y"])
 
 
 def test_memory_eviction_keeps_the_state_bounded() -> None:
