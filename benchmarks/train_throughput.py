@@ -31,6 +31,7 @@ are listed as such); results are written after every variant, to ``benchmarks/re
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -39,11 +40,13 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -230,6 +233,37 @@ def run_plain(
     }
 
 
+class CudaSyncCount(pl.Callback):
+    """Counts the implicit host-device syncs CUDA reports (``torch.cuda.set_sync_debug_mode``) after the warm-up.
+
+    Explicit ``torch.cuda.synchronize`` (the meter's, at the window edges) is not reported; ``.item()``,
+    blocking copies and data-dependent shapes are. The last timed step also logs (Lightning's final logging step).
+    """
+
+    def __init__(self, warmup_steps: int) -> None:
+        self.warmup_steps, self.seen, self.steps, self.syncs = warmup_steps, 0, 0, 0
+        self._record: contextlib.AbstractContextManager | None = None
+        self._caught: list[warnings.WarningMessage] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if self._record is None and self.seen >= self.warmup_steps:
+            self._record = warnings.catch_warnings(record=True)
+            self._caught = self._record.__enter__()  # type: ignore[assignment]
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.seen += 1
+        self.steps += int(self._record is not None)
+
+    def on_train_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if self._record is not None:
+            torch.cuda.set_sync_debug_mode(0)
+            self._record.__exit__(None, None, None)
+            self._record = None
+            self.syncs = sum("synchronizing CUDA operation" in str(w.message) for w in self._caught)
+
+
 def run_keel(
     wl: Workload,
     device: torch.device,
@@ -244,6 +278,7 @@ def run_keel(
     model = wl.build()
     meter = ThroughputMeter(warmup_steps=warmup, window_steps=None, items_fn=wl.items, clock=clock)
     accelerator = "cuda" if device.type == "cuda" else "cpu"
+    syncs = CudaSyncCount(warmup) if accelerator == "cuda" else None  # CPU: tests/core/training/test_syncs.py
     trainer = Trainer(
         model,
         loss_fn=wl.loss_fn,
@@ -251,7 +286,7 @@ def run_keel(
         accelerator=accelerator,
         max_steps=warmup + steps,
         progress=False,
-        callbacks=[meter],
+        callbacks=[meter] if syncs is None else [meter, syncs],
         speed=speed,
         loss_scaling=loss_scaling,
     )
@@ -266,6 +301,7 @@ def run_keel(
         "precision": trainer.precision.name,
         "precision_reason": trainer.precision.reason,
         "speed": trainer.speed.as_dict(),
+        "host_syncs": None if syncs is None else {"timed_steps": syncs.steps, "syncs": syncs.syncs},
     }
 
 
@@ -372,6 +408,7 @@ def table_rows(results: list[dict]) -> list[dict]:
                 "peak GiB": f"{mem:.1f}" if mem else "",
                 "mem/fp32": f"{mem / base:.2f}" if mem and base else "",
                 "wall s": f"{r['wall_s']:.0f}" if "wall_s" in r else "",
+                "host syncs": "{syncs} in {timed_steps} steps".format(**r["host_syncs"]) if r.get("host_syncs") else "",
             }
         )
     return rows

@@ -94,6 +94,38 @@ class KeelFSDPStrategy(FSDPStrategy):
                 root._handle._training_state = root_handle_state
         return out
 
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        """The full optimizer state, gathered without torch's CPU offload on CPU processes.
+
+        torch's FSDP gathers each optimizer state (Adam's ``exp_avg``, then ``exp_avg_sq``) into one reused
+        buffer and keeps views of it, relying on the offload's device-to-host copy to detach them. On CPU
+        processes that copy is a no-op, so every state of a checkpoint held the last one gathered (``exp_avg``
+        saved as ``exp_avg_sq``) and a resumed run diverged. Without offload, torch clones each state instead.
+        """
+        from torch.distributed.fsdp import (
+            FullOptimStateDictConfig,
+            FullStateDictConfig,
+            OptimStateKeyType,
+            StateDictType,
+        )
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        if self.root_device.type != "cpu" or self._state_dict_type != "full":
+            return super().optimizer_state(optimizer)
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the real one
+        assert self.model is not None
+        context = FSDP.state_dict_type(
+            self.model,
+            StateDictType.FULL_STATE_DICT,
+            FullStateDictConfig(offload_to_cpu=False, rank0_only=True),
+            FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=True),
+        )
+        with context:
+            state = FSDP.optim_state_dict(self.model, optimizer)
+            if self.global_rank == 0:  # the standard layout, as Lightning stores it
+                state = FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_ID, self.model)
+        return state
+
     def _setup_model(self, model: nn.Module) -> nn.Module:
         from torch.distributed.fsdp import FullyShardedDataParallel
 

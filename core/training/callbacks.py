@@ -154,6 +154,7 @@ class SkipAwareSchedulers(Callback):
         plugin = trainer.precision_plugin
 
         def lr_scheduler_step(scheduler: Any, metric: Any | None) -> None:
+            # Reads the scaler's flag back to the host (one sync per step): Lightning's scheduler API is host-side.
             if id(scheduler) in per_step and getattr(plugin, "last_step_skipped", False):
                 return
             original(scheduler, metric)
@@ -183,4 +184,5 @@ class LogLossScale(Callback):
         scale = getattr(getattr(plugin, "keel_scaler", None), "_scale", None)
         if scale is not None and logging_step(trainer):
             pl_module.log("loss_scale", scale.detach().reshape(()))
-            pl_module.log("skipped_steps", float(plugin.skipped_steps))  # type: ignore[attr-defined]
+            skipped = getattr(plugin, "skipped_steps_tensor", None)  # a device tensor: no sync
+            pl_module.log("skipped_steps", skipped.float() if skipped is not None else 0.0)

@@ -36,12 +36,18 @@ def check_loss_scaling(loss_scaling: LossScaling) -> LossScaling:
 
 
 class _KeelLossScaling:
-    """Mixin placed before a Lightning precision plugin in the MRO; adds the Keel-owned scaler."""
+    """Mixin placed before a Lightning precision plugin in the MRO; adds the Keel-owned scaler.
+
+    The scaler's inf/NaN verdict stays on the device: ``found_inf`` (a 0-d tensor, > 0 when the last
+    step was skipped) feeds the fused optimizer's own skip and Keel's schedule without a host read, and
+    the skipped-step count accumulates there. Host reads happen only when asked (``last_step_skipped``,
+    ``skipped_steps``, ``loss_scale``): at logging steps, in checkpoints, at the end of the run.
+    """
 
     keel_scaler: torch.amp.GradScaler | None
     static_scale: float | None
-    last_step_skipped: bool
-    skipped_steps: int
+    found_inf: torch.Tensor | None
+    _skipped: torch.Tensor | int
 
     def _init_scaling(self, loss_scaling: LossScaling, device_type: str) -> None:
         self.static_scale = loss_scaling if isinstance(loss_scaling, float) else None
@@ -49,13 +55,28 @@ class _KeelLossScaling:
         if loss_scaling is not None:
             init = self.static_scale if self.static_scale is not None else 2.0**16
             self.keel_scaler = torch.amp.GradScaler(device_type, init_scale=init)
-        self.last_step_skipped = False
-        self.skipped_steps = 0
+        self.found_inf = None
+        self._skipped = 0
 
     @property
     def loss_scale(self) -> float | None:
-        """The current loss scale (None without a scaler)."""
+        """The current loss scale (None without a scaler; a host read)."""
         return self.keel_scaler.get_scale() if self.keel_scaler is not None else None
+
+    @property
+    def last_step_skipped(self) -> bool:
+        """Whether the last optimizer step was skipped (a host read of ``found_inf``)."""
+        return self.found_inf is not None and bool(self.found_inf > 0)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped so far (a host read)."""
+        return int(self._skipped)
+
+    @property
+    def skipped_steps_tensor(self) -> torch.Tensor | None:
+        """The skipped-step count as a device tensor, for logging without a sync (None before the first step)."""
+        return self._skipped if isinstance(self._skipped, torch.Tensor) else None
 
     def pre_backward(self, tensor: torch.Tensor, module: pl.LightningModule) -> torch.Tensor:
         if self.keel_scaler is not None:
@@ -67,19 +88,23 @@ class _KeelLossScaling:
     ) -> Any:
         scaler = self.keel_scaler
         if scaler is None:
-            self.last_step_skipped = False
+            self.found_inf = None
             return super().optimizer_step(optimizer, model, closure, **kwargs)  # type: ignore[misc]
         closure_result = closure()  # automatic optimization: forward + backward happen here
         if model.automatic_optimization and closure_result is None:
             return None  # training_step returned None: nothing to step
         scaler.unscale_(optimizer)  # so clipping and on_before_optimizer_step see true gradients
         self._after_closure(model, optimizer)  # type: ignore[attr-defined]
-        # GradScaler keeps the inf check per device; read it before update() clears it.
-        found_inf = sum(v.item() for v in scaler._found_inf_per_device(optimizer).values()) > 0
+        # GradScaler keeps the inf check per device and clears it in update(): keep the sum, on the device.
+        flags = list(scaler._found_inf_per_device(optimizer).values())
+        found_inf: torch.Tensor = (
+            torch.stack([f.to(flags[0].device) for f in flags]).sum() if len(flags) > 1 else flags[0]
+        )
+        # A fused optimizer skips inside its kernel (GradScaler hands it found_inf); others make GradScaler read it.
         out = scaler.step(optimizer, **kwargs)
         scaler.update(new_scale=self.static_scale)
-        self.last_step_skipped = found_inf
-        self.skipped_steps += int(found_inf)
+        self.found_inf = found_inf
+        self._skipped = self._skipped + (found_inf > 0).to(torch.int64)
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -90,7 +115,7 @@ class _KeelLossScaling:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self.keel_scaler is not None and state_dict:
             self.keel_scaler.load_state_dict(state_dict["scaler"])
-            self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+            self._skipped = int(state_dict.get("skipped_steps", 0))
 
 
 class KeelPrecision32(_KeelLossScaling, PLPrecision):  # type: ignore[misc]  # Lightning's own overrides differ the same way

@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 # Lightning's start-up chatter (device tables, tips, seed lines) goes through these loggers.
 _NOISY_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed", "lightning.pytorch")
 # Logged every step but properties of the run, not of the model: kept out of TrainResult.metrics.
-_RUN_STATS = frozenset({"lr", "loss_scale", "skipped_steps"})
+_RUN_STATS = frozenset({"lr", "loss_scale", "skipped_steps", "loss"})  # "loss": the progress bar's epoch mean
 
 
 @dataclass(frozen=True)
@@ -153,8 +153,9 @@ class Trainer:
             (``core.distributed.hooks``); bytes on the wire are logged.
         activation_checkpointing: True (the model's repeated blocks) or the block classes to recompute
             in backward instead of storing their activations.
-        The rest map one to one onto Lightning's Trainer. ``devices > 1`` runs, but resuming there
-        restarts the interrupted epoch's data order (exact mid-epoch resume is single-device).
+        The rest map one to one onto Lightning's Trainer. With several processes, ``batch_size`` is per
+        process and a Dataset is split between them by rank; resuming is exact mid-epoch there too
+        (a DataLoader with a custom sampler resumes only as exactly as that sampler does).
     """
 
     def __init__(
@@ -287,14 +288,12 @@ class Trainer:
     def _fit_inputs(self, train: Any, val: Any, cfg: TrainConfig) -> dict[str, Any]:
         if isinstance(train, pl.LightningDataModule):
             return {"datamodule": train}
-        # Lightning swaps in a DistributedSampler on several devices; exact mid-epoch resume is single-device.
-        resumable = cfg.devices * cfg.num_nodes == 1
-        if not resumable:
-            log.warning("devices=%s: a resume continues at the right step but restarts the epoch order", cfg.devices)
-        bs, seed = cfg.batch_size, cfg.seed
-        out = {"train_dataloaders": as_loader(train, batch_size=bs, shuffle=True, seed=seed, resumable=resumable)}
+        # On several processes each loader serves its rank's share (a DistributedSampler that Lightning keeps),
+        # so a resume continues mid-epoch exactly there too.
+        bs, seed, replicas = cfg.batch_size, cfg.seed, cfg.devices * cfg.num_nodes
+        out = {"train_dataloaders": as_loader(train, batch_size=bs, shuffle=True, seed=seed, num_replicas=replicas)}
         if val is not None:
-            out["val_dataloaders"] = as_loader(val, batch_size=bs, shuffle=False, seed=seed, resumable=resumable)
+            out["val_dataloaders"] = as_loader(val, batch_size=bs, shuffle=False, seed=seed, num_replicas=replicas)
         return out
 
     def _lightning_trainer(self, cfg: TrainConfig, state: KeelState) -> tuple[pl.Trainer, StepCheckpoint | None]:

@@ -1,5 +1,7 @@
 """Keel's Trainer on 2 and 4 CPU processes (gloo, launched by torchrun): DDP and FSDP follow the
-one-process loss curve for the same global batch; int8 compression ends within 1% of uncompressed."""
+one-process loss curve for the same global batch (with weight decay on weights only, FSDP included);
+an FSDP run killed and resumed ends with the uninterrupted run's weights; int8 compression ends within
+1% of uncompressed."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from torch import nn
 from core.training import Trainer
 from core.utils.registry import UnknownNameError
 from tests.core.distributed.helpers import torchrun
-from tests.core.distributed.train_worker import make_data, make_net, mse
+from tests.core.distributed.train_worker import CKPT_EVERY, EPOCHS, GLOBAL_BATCH, KILL_AT, N, make_data, make_net, mse
 
 CURVE_ATOL = 1e-5  # fp32 sums in another order: equal to a few ulps, step after step
 
@@ -26,7 +28,8 @@ def single(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def two(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
     out = tmp_path_factory.mktemp("two") / "out.json"
-    return torchrun(["ddp:none", "fsdp:none:ac:ckpt", "ddp:int8", "ddp:none:ac"], nproc=2, out=out), out.parent
+    settings = ["ddp:none", "fsdp:none:ac:ckpt:resume", "ddp:int8", "ddp:none:ac"]
+    return torchrun(settings, nproc=2, out=out), out.parent
 
 
 def assert_same_curve(got: list[float], ref: list[float]) -> None:
@@ -35,7 +38,7 @@ def assert_same_curve(got: list[float], ref: list[float]) -> None:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("setting", ["ddp:none", "fsdp:none:ac:ckpt", "ddp:none:ac"])
+@pytest.mark.parametrize("setting", ["ddp:none", "fsdp:none:ac:ckpt:resume", "ddp:none:ac"])
 def test_two_processes_follow_the_single_process_curve(
     setting: str, single: dict[str, Any], two: tuple[dict[str, Any], Path]
 ) -> None:
@@ -43,6 +46,41 @@ def test_two_processes_follow_the_single_process_curve(
     assert_same_curve(runs[setting]["losses"], single["losses"])
     if "ckpt" in setting:  # FSDP gathered a full checkpoint mid-run and at the end
         assert (root / "runs" / setting.replace(":", "_") / "last.ckpt").is_file()
+
+
+# make_net: Linear, two Blocks (LayerNorm + Linear), Linear. Decay on the matrices only.
+DECAYED = ["0.weight", "1.fc.weight", "2.fc.weight", "3.weight"]
+NOT_DECAYED = [
+    "0.bias",
+    "1.fc.bias",
+    "1.norm.weight",
+    "2.fc.bias",
+    "2.norm.weight",
+    "3.bias",
+]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("setting", ["ddp:none", "fsdp:none:ac:ckpt:resume"])
+def test_weight_decay_groups_survive_fsdp_flattening(
+    setting: str, single: dict[str, Any], two: tuple[dict[str, Any], Path]
+) -> None:
+    # Under FSDP every parameter the optimizer sees is a flat 1-D shard; the groups are decided by name.
+    expected = [{"weight_decay": 0.1, "names": DECAYED}, {"weight_decay": 0.0, "names": NOT_DECAYED}]
+    assert single["groups"] == expected
+    assert two[0][setting]["groups"] == expected
+
+
+@pytest.mark.distributed
+def test_fsdp_run_killed_and_resumed_ends_with_the_uninterrupted_weights(two: tuple[dict[str, Any], Path]) -> None:
+    run = two[0]["fsdp:none:ac:ckpt:resume"]
+    steps = EPOCHS * N // GLOBAL_BATCH
+    checkpoint = KILL_AT // CKPT_EVERY * CKPT_EVERY  # the last checkpoint before the kill, mid-epoch
+    assert checkpoint % (N // GLOBAL_BATCH) != 0 and checkpoint < KILL_AT
+    assert run["resumed_from_step"] == checkpoint  # resumed, not restarted from scratch
+    assert run["resumed_losses"] == pytest.approx(run["losses"][checkpoint:], abs=1e-7)
+    assert len(run["resumed_losses"]) == steps - checkpoint
+    assert run["resume_max_diff"] <= 1e-7  # every rank's shards, after the last step
 
 
 @pytest.mark.distributed

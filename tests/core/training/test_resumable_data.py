@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, Subset, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
 
 from core.registry import fingerprint_arrays
 from core.training.data import ResumableDataLoader, as_loader, dataset_fingerprint
@@ -49,6 +49,32 @@ def test_finished_epoch_resumes_at_the_next() -> None:
     loader.load_state_dict({"epoch": 0, "batches": 2})
     loader.sampler.set_epoch(1)
     assert _ids(list(loader)) == list(range(10))
+
+
+def test_ranks_take_interleaved_shares_of_the_single_process_batches() -> None:
+    single = ResumableDataLoader(_ds(12), batch_size=6, shuffle=True, seed=4)
+    ranks = [ResumableDataLoader(_ds(12), batch_size=2, shuffle=True, seed=4, num_replicas=3) for _ in range(3)]
+    for r, loader in enumerate(ranks):
+        loader.sampler.fixed_rank = r
+    for epoch in (0, 1):
+        for loader in (single, *ranks):
+            loader.sampler.set_epoch(epoch)
+        shares = [[_ids([b]) for b in loader] for loader in ranks]
+        for i, batch in enumerate(single):
+            for r in range(3):
+                assert _ids([batch])[r::3] == shares[r][i]
+    assert len(ranks[0]) == 2 and isinstance(ranks[0].sampler, DistributedSampler)  # Lightning keeps it
+
+
+def test_a_rank_resumes_at_its_own_position_and_pads_like_distributed_sampler() -> None:
+    loader = ResumableDataLoader(_ds(10), batch_size=2, shuffle=False, seed=0, num_replicas=4)
+    loader.sampler.fixed_rank = 3
+    assert len(loader.sampler) == 3 and _ids(list(loader)) == [3, 7, 1]  # padded with the epoch's first indices
+    loader.load_state_dict({"epoch": 0, "batches": 1})
+    assert _ids(list(loader)) == [1]
+    unranked = ResumableDataLoader(_ds(10), batch_size=2, shuffle=False, seed=0, num_replicas=2)
+    with pytest.raises(RuntimeError, match="num_replicas=2 needs a rank"):
+        list(unranked)
 
 
 def test_as_loader_rebuilds_plain_loaders_and_refuses_junk() -> None:
