@@ -290,8 +290,9 @@ def _sequences(ts: np.ndarray, terminals: list[str], card: WindowBatch, history:
     nexts[:-1] = t[1:]
     has = lengths > 0
     nexts[np.cumsum(lengths)[has] - 1] = ts[has]  # the last step's next transaction is the current one
-    own = np.repeat(np.asarray(terminals), lengths)
-    same = np.asarray(card.last_distinct) == own
+    # object arrays: str equality without converting every id to a fixed-width unicode array first
+    own = np.repeat(np.asarray(terminals, dtype=object), lengths)
+    same = (np.asarray(card.last_distinct, dtype=object) == own).astype(np.float64)
     angle = 2.0 * np.pi * (t % DAY) / DAY
     values = np.stack(
         [np.log1p(card.last_values), np.log1p(nexts - t), np.sin(angle), np.cos(angle), same], axis=1
