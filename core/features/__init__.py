@@ -20,6 +20,11 @@ Backends (``create_store(name, **options)``, registry ``FEATURE_STORE_BACKENDS``
 sorted set per key, Lua-scripted updates, pipelined batches). Both return the same features for the same events
 (up to float rounding of sums).
 
+Batches. ``read_before(spec, keys=..., ts=..., values=...)`` gives the point-in-time features of a stream of
+events as numpy columns (a :class:`WindowBatch`): row ``i`` is read strictly before ``ts[i]``, then event ``i``
+is folded in -- what a stream scorer and a training replay both need, without one result object per read. The
+memory backend has a fast path for it; every backend gives the same numbers as read + update event by event.
+
 Example::
 
     store = create_store("memory")
