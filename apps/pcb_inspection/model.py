@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import timm
@@ -25,11 +25,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from apps.pcb_inspection.data import CLASSES, binarize
+from core.lite import LiteModel
 from core.utils.registry import Registry
 
 __all__ = [
+    "INPUT_NAME",
     "MODELS",
+    "OUTPUT_NAMES",
     "Detections",
+    "Detector",
+    "LiteDetector",
     "PcbDetector",
     "PcbDetectorConfig",
     "PcbPredictor",
@@ -41,6 +46,9 @@ __all__ = [
 ]
 
 STRIDE = 4
+#: Input and output names of an exported detector (see :mod:`apps.pcb_inspection.edge`).
+INPUT_NAME = "pair"
+OUTPUT_NAMES = ("heatmap", "size", "offset")
 
 
 @dataclass(frozen=True)
@@ -225,17 +233,54 @@ def _pad32(x: torch.Tensor) -> torch.Tensor:
     return F.pad(x, (0, -w % 32, 0, -h % 32))
 
 
+class Detector(Protocol):
+    """What :class:`PcbPredictor` runs: a :class:`PcbDetector` or an export of one (:class:`LiteDetector`)."""
+
+    cfg: PcbDetectorConfig
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+    def eval(self) -> Any: ...
+
+
+class LiteDetector:
+    """An exported :class:`PcbDetector` (ONNX Runtime or TorchScript, through :class:`core.lite.LiteModel`) with the
+    PyTorch model's call signature, so decoding and thresholds stay the ones of the fp32 path.
+
+    Args:
+        lite: the loaded export; its input must be :data:`INPUT_NAME` and its outputs :data:`OUTPUT_NAMES`.
+        cfg: the architecture it was exported from (``max_detections`` is used by decoding).
+    """
+
+    def __init__(self, lite: LiteModel, cfg: PcbDetectorConfig) -> None:
+        if lite.meta.inputs != [INPUT_NAME] or lite.meta.outputs != list(OUTPUT_NAMES):
+            raise ValueError(
+                f"not a PCB detector export: inputs {lite.meta.inputs}, outputs {lite.meta.outputs}; expected "
+                f"[{INPUT_NAME!r}] and {list(OUTPUT_NAMES)} (export it with apps.pcb_inspection.edge)"
+            )
+        self.lite = lite
+        self.cfg = cfg
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = self.lite.predict({INPUT_NAME: x.detach().cpu().float().numpy()})
+        heat, size, offset = (torch.from_numpy(out[name]) for name in OUTPUT_NAMES)
+        return heat, size, offset
+
+    def eval(self) -> LiteDetector:
+        return self
+
+
 @dataclass
 class PcbPredictor:
     """Batched inference for the service and evaluation: binarise, fuse, detect, decode, threshold.
 
     Attributes:
-        model: the detector (eval mode).
+        model: the detector (eval mode), PyTorch or an export (:class:`LiteDetector`).
         score_threshold: detections below it are dropped by :meth:`predict_batch`.
         device: where the model runs.
     """
 
-    model: PcbDetector
+    model: Detector
     score_threshold: float = 0.3
     device: torch.device | str = "cpu"
 
@@ -271,9 +316,17 @@ class PcbPredictor:
         return out
 
 
-def load_predictor(version: Any, state: dict[str, Any]) -> PcbPredictor:
-    """Rebuilds the predictor from a registry entry (``ModelRegistry.load(ref)`` returns both arguments)."""
+def load_predictor(version: Any, state: dict[str, Any], *, threads: int | None = None) -> PcbPredictor:
+    """Rebuilds the predictor from a registry entry (``ModelRegistry.load(ref)`` returns both arguments).
+
+    A PyTorch version runs in PyTorch; an edge export (architecture ``lite.onnx`` / ``lite.torchscript``, registered
+    by :mod:`apps.pcb_inspection.edge`) runs in :class:`core.lite.LiteModel` with ``threads`` intra-op threads.
+    """
     cfg = version.config
-    model = PcbDetector(PcbDetectorConfig(**cfg["net"]))
+    net = PcbDetectorConfig(**cfg["net"])
+    threshold = float(cfg.get("score_threshold", 0.3))
+    if str(version.architecture).startswith("lite."):
+        return PcbPredictor(LiteDetector(LiteModel.from_state(version, state, threads=threads), net), threshold)
+    model = PcbDetector(net)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
-    return PcbPredictor(model.eval(), score_threshold=float(cfg.get("score_threshold", 0.3)))
+    return PcbPredictor(model.eval(), score_threshold=threshold)

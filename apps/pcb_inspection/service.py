@@ -4,12 +4,16 @@
 another size than the test image, or images outside 32..4096 px get 422 naming the field. Built by
 :func:`core.serving.create_service` (lifespan loading from the registry, micro-batching, health, metrics, hot
 reload). Run it alone with ``keel serve pcb_inspection`` or in the gateway with ``keel serve all``.
+
+The edge export (:mod:`apps.pcb_inspection.edge`: ONNX / int8 on :class:`core.lite.LiteModel`) is served by pointing
+the model reference at it, ``KEEL_PCB_MODEL_REF=pcb_inspection-edge@production`` (``KEEL_PCB_LITE_THREADS`` sets
+ONNX Runtime's threads); the response schema and the decoding are the same as for the PyTorch model.
 """
 
 from __future__ import annotations
 
 import io
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Annotated, Literal
 
 import numpy as np
@@ -37,7 +41,13 @@ class PcbSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="KEEL_PCB_", extra="ignore", frozen=True)
 
-    model_ref: str = Field(default="pcb_inspection@production", description="Registry reference of the model.")
+    model_ref: str = Field(
+        default="pcb_inspection@production",
+        description="Registry reference of the model: a PyTorch version or an edge export (pcb_inspection-edge@...).",
+    )
+    lite_threads: int | None = Field(
+        default=None, ge=1, description="ONNX Runtime intra-op threads for an edge export (default: its own)."
+    )
 
 
 @lru_cache
@@ -132,6 +142,7 @@ def create_app(settings: ServingSettings | None = None, pcb: PcbSettings | None 
     """The PCB inspection FastAPI service; settings come from ``KEEL_*`` / ``KEEL_PCB_*`` unless given."""
     settings = settings or ServingSettings()
     pcb = pcb or get_settings()
-    handle = ModelHandle.from_settings(settings, ref=pcb.model_ref, load=load_predictor)
+    load = partial(load_predictor, threads=pcb.lite_threads)
+    handle = ModelHandle.from_settings(settings, ref=pcb.model_ref, load=load)
     summary = f"PCB defect inspection on template/test pairs: boxes for {', '.join(CLASSES)}."
     return create_service(name="pcb_inspection", handle=handle, routers=[router], settings=settings, summary=summary)
