@@ -15,19 +15,24 @@ import math
 from typing import Any
 
 import torch
+from torch.optim.lr_scheduler import LRScheduler
 
 __all__ = ["SkipAwareCosine"]
 
 
-class SkipAwareCosine:
+class SkipAwareCosine(LRScheduler):
     """Warm-up over ``warmup_steps`` then cosine to 0 at ``total_steps``; ``step(found_inf)`` skips on inf.
 
-    Follows the ``LRScheduler`` protocol Lightning needs (``step``, ``state_dict``, ``load_state_dict``,
-    ``optimizer``, ``get_last_lr``); ``last_epoch`` is the number of optimizer steps applied so far
-    (reading it on the device path syncs, so the training step never does).
+    An ``LRScheduler`` (so any LightningModule can return it from ``configure_optimizers``) that implements
+    the whole protocol itself (``step``, ``state_dict``, ``load_state_dict``, ``optimizer``, ``get_last_lr``)
+    and does not run the base ``__init__``, which would read and write the rates as host floats.
+    ``last_epoch`` is the number of optimizer steps applied so far (reading it on the device path syncs, so
+    the training step never does).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int) -> None:
+    def __init__(  # noqa: D107 - documented on the class
+        self, optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int
+    ) -> None:  # pylint: disable=super-init-not-called
         if warmup_steps < 0 or total_steps < 1:
             raise ValueError(f"need warmup_steps >= 0 and total_steps >= 1, got {warmup_steps}, {total_steps}")
         self.optimizer = optimizer
@@ -53,7 +58,7 @@ class SkipAwareCosine:
         cosine = 0.5 * (1.0 + torch.cos(math.pi * progress))
         return torch.where(step < self.warmup_steps, warm, cosine)
 
-    def step(self, found_inf: torch.Tensor | None = None) -> None:
+    def step(self, found_inf: torch.Tensor | None = None) -> None:  # type: ignore[override]  # takes the scaler's flag, not an epoch
         """Advance by one optimizer step unless ``found_inf`` (the scaler's flag, > 0 on a skipped step) is set."""
         if isinstance(self._count, torch.Tensor):
             if found_inf is None:
@@ -80,11 +85,11 @@ class SkipAwareCosine:
                 group["lr"] = base * f
 
     @property
-    def last_epoch(self) -> int:
+    def last_epoch(self) -> int:  # type: ignore[override]  # derived from the count, not stored
         """Optimizer steps applied so far (a host read on the device path)."""
         return int(self._count)
 
-    def get_last_lr(self) -> list[float]:
+    def get_last_lr(self) -> list[float | torch.Tensor]:
         return [float(g["lr"]) for g in self.optimizer.param_groups]
 
     def state_dict(self) -> dict[str, Any]:
