@@ -11,8 +11,11 @@ ResNet-50 when a weight file is given.
     keel bench medical_quality --resnet50-weights resnet50.pth --only resnet50
     keel bench medical_quality --profile cpu64 --fractions 1.0 --only lite0 --out medical_quality_cpu64
     keel bench medical_quality --merge medical_quality_cpu64      # append those rows to medical_quality.json
+    keel bench medical_quality --robustness --members 3 --tta 4 --extra REGISTRY:medical@1 \
+        --out medical_quality_robustness       # prior shift / TTA / ensemble table (see robustness())
 
-Columns: AUC / accuracy (decision for a 62.5% prevalence) / balanced accuracy / ECE (calibrated) on val; the
+Columns: AUC / accuracy (the model's decision: for ``--decision-prior``, else the prevalence the model was
+registered with, by default its training prevalence) / balanced accuracy / ECE (calibrated) on val; the
 same on val with pneumonia cases dropped at random down to 62.5% (the official test split's prevalence), where
 "EM prior" re-targets the probabilities to the prevalence estimated from the images alone.
 """
@@ -61,13 +64,10 @@ def shifted_val(data: Path, out: Path, *, prevalence: float = 0.625, seed: int =
     62.5% against 74% in train): a check of robustness to the class-prior shift on data no run trained on."""
     import numpy as np
 
-    from apps.medical.data import load_split
+    from apps.medical.data import load_split, resample_prevalence
 
-    val = load_split(data, "val")
-    neg, pos = np.flatnonzero(val.labels == 0), np.flatnonzero(val.labels == 1)
-    keep_pos = np.random.default_rng(seed).choice(pos, round(len(neg) * prevalence / (1 - prevalence)), replace=False)
-    idx = np.sort(np.concatenate([neg, keep_pos]))
-    np.savez(out, val_images=val.images[idx], val_labels=val.labels[idx])
+    val = resample_prevalence(load_split(data, "val"), prevalence, seed=seed)
+    np.savez(out, val_images=val.images, val_labels=val.labels)
     return out
 
 
@@ -144,6 +144,78 @@ def merge(out: str, parts: list[str]) -> None:
     print_table(f"PneumoniaMNIST dev val split ({out})", payload["rows"])
 
 
+def _metrics(predictor: Any, z: Any, labels: Any, *, prior: float) -> dict[str, float]:
+    """AUC, accuracy (decision for ``prior``), balanced accuracy and ECE of probabilities re-targeted to ``prior``."""
+    from apps.medical.calibration import binary_metrics
+
+    predictor.decision_prior = prior
+    return binary_metrics(labels, predictor.calibrated(z, prior=prior).numpy(), predictor.decide(z).numpy())
+
+
+def robustness_rows(name: str, registry: Any, ref: str, *, data: Path, tta: int) -> list[dict[str, Any]]:
+    """One registered model (an ensemble or one network) on val and on val at 62.5% pneumonia: its first member
+    alone and the whole ensemble, without and with ``tta`` augmented views, deciding for the training prior and
+    for the stated 62.5%. Every (members, tta) pair is recalibrated on the model's own held-out images."""
+    from apps.medical.data import load_split, resample_prevalence
+    from apps.medical.model import MedicalPredictor, load_predictor
+    from apps.medical.train import MedicalTrainConfig, calibrate, split_labelled
+
+    version, state = registry.load(ref)
+    full = load_predictor(version, state)
+    recipe = MedicalTrainConfig(**{**version.config["recipe"], "registry_root": None})
+    _, _, held = split_labelled(load_split(recipe.data_path, recipe.split), recipe)
+    val = load_split(data, "val")
+    shifted = resample_prevalence(val, 0.625, seed=0)
+    rows = []
+    for k in sorted({1, len(full.nets)}):
+        for views in sorted({0, tta}):
+            predictor = MedicalPredictor(full.nets[:k], train_prior=full.train_prior, tta=views)
+            calibrate(predictor, held, min_holdout_for_bias=recipe.min_holdout_for_bias)
+            zv, zs = predictor.logits(val.images), predictor.logits(shifted.images)
+            for prior_name, prior in (("train", full.train_prior), ("stated 0.625", 0.625)):
+                m = _metrics(predictor, zv, val.labels, prior=prior)
+                s = _metrics(predictor, zs, shifted.labels, prior=prior)
+                rows.append(
+                    {
+                        "model": name, "ref": version.ref, "members": k, "tta": views, "decision prior": prior_name,
+                        "val AUC": m["auc"], "val acc": m["accuracy"], "val bal. acc": m["balanced_accuracy"],
+                        "val ECE": m["ece"], "shift AUC": s["auc"], "shift acc": s["accuracy"],
+                        "shift bal. acc": s["balanced_accuracy"], "shift ECE": s["ece"],
+                    }
+                )  # fmt: skip
+                print(rows[-1], flush=True)
+    return rows
+
+
+def robustness(args: argparse.Namespace, data: Path) -> None:
+    """Trains ``--members``-network ResNet-18 ensembles (without and with augmentation) and scores them, and any
+    ``--extra REGISTRY:REF`` models, with :func:`robustness_rows`."""
+    from apps.medical.train import MedicalTrainConfig
+    from apps.medical.train import main as train
+    from core.registry import ModelRegistry
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="keel-medical-robust-"))
+    registry = ModelRegistry(work / "registry")
+    plain = {"backbone": "torchvision:resnet18", "pretrained": False, "input_size": 28, "finetune_epochs": 2}
+    models, seconds = [], {}
+    for name, augment in (("resnet18 28px", False), ("resnet18 28px + augmentation", True)):
+        cfg = MedicalTrainConfig(
+            data_path=str(data), registry_root=str(registry.root), members=args.members, augment=augment,
+            seed=args.seed, progress=False, torch_threads=args.threads, **plain,
+        )  # fmt: skip
+        start = time.perf_counter()
+        ref = train(cfg).ref
+        seconds[name] = time.perf_counter() - start
+        models.append((name, registry, ref))
+    for item in filter(None, args.extra.split(",")):
+        root, _, ref = item.rpartition(":")
+        models.append((f"{ref} ({root})", ModelRegistry(root), ref))
+    rows = [r for name, reg, ref in models for r in robustness_rows(name, reg, ref, data=data, tta=args.tta)]
+    print_table("Robustness to the class-prior shift (val; shift = val at 62.5% pneumonia)", rows)
+    payload = {"members": args.members, "tta": args.tta, "train_seconds": seconds, "work": str(work), "rows": rows}
+    write_json(args.out, payload)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
@@ -159,6 +231,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reevaluate", action="store_true", help="re-score the models of --out's run in --work")
     parser.add_argument("--decision-prior", type=float, default=None, help="override the models' decision prior")
     parser.add_argument("--merge", default="", help="comma-separated results names to append to --out, then stop")
+    parser.add_argument("--robustness", action="store_true", help="prior shift / TTA / ensemble table instead")
+    parser.add_argument("--members", type=int, default=3, help="--robustness: ensemble size of the trained models")
+    parser.add_argument("--tta", type=int, default=4, help="--robustness: augmented views per image")
+    parser.add_argument("--extra", default="", help="--robustness: more models, comma-separated REGISTRY:REF")
     args = parser.parse_args(argv)
 
     from apps.medical.train import MedicalTrainConfig, default_data_path
@@ -169,6 +245,13 @@ def main(argv: list[str] | None = None) -> None:
         merge(args.out, args.merge.split(","))
         return
     data = args.data or default_data_path()
+    if args.robustness:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        robustness(args, data)
+        return
     if args.reevaluate:
         if args.work is None:
             parser.error("--reevaluate needs --work (the folder of the earlier run)")

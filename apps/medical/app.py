@@ -44,8 +44,15 @@ def train(
     finetune_epochs: Annotated[int | None, typer.Option(help="Fine-tuning epochs (default: the recipe's).")] = None,
     members: Annotated[int, typer.Option(min=1, help="Ensemble size.")] = 1,
     decision_prior: Annotated[
-        float, typer.Option(min=0.001, max=0.999, help="Pneumonia prevalence where the model is used (threshold).")
-    ] = 0.625,
+        float | None,
+        typer.Option(
+            min=0.001,
+            max=0.999,
+            help="Pneumonia prevalence where the model is used, for the decision threshold (default: the "
+            "training prevalence; the official test split has 0.625).",
+        ),
+    ] = None,
+    tta: Annotated[int, typer.Option(min=0, help="Test-time augmentation: augmented views per image.")] = 0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     precision: Annotated[str, typer.Option(help="'auto', '32', 'bf16-mixed', '16-mixed'.")] = "auto",
 ) -> None:
@@ -60,6 +67,7 @@ def train(
         "input_size": input_size,
         "members": members,
         "decision_prior": decision_prior,
+        "tta": tta,
         "seed": seed,
         "precision": precision,
     }
@@ -80,7 +88,8 @@ def evaluate(
         bool, typer.Option(help="Re-target the probabilities to the prevalence estimated (unlabelled) on DATA.")
     ] = False,
     decision_prior: Annotated[
-        float | None, typer.Option(help="Prevalence to decide for (default: the model's, 0.625).")
+        float | None,
+        typer.Option(help="Prevalence to decide for (default: the model's own, by default its training prevalence)."),
     ] = None,
 ) -> None:
     """Score a registered model on one split of DATA; the last line is one JSON object (SPEC 5)."""

@@ -30,6 +30,7 @@ __all__ = [
     "available_splits",
     "label_subset",
     "load_split",
+    "resample_prevalence",
     "stratified_split",
     "synthetic_xrays",
 ]
@@ -144,6 +145,25 @@ def label_subset(labels: np.ndarray, fraction: float, *, seed: int) -> np.ndarra
         return np.arange(len(labels))
     _, kept = stratified_split(labels, fraction, seed=seed)
     return kept
+
+
+def resample_prevalence(split: XraySplit, prevalence: float, *, seed: int = 0) -> XraySplit:
+    """``split`` with pneumonia (or normal) cases dropped at random until ``prevalence`` of it is pneumonia.
+
+    A label-shift test set: the class-conditional images stay those of ``split``, only the class balance
+    moves (e.g. val's 74% to the official test split's 62.5%).
+    """
+    if not 0 < prevalence < 1:
+        raise ValueError(f"prevalence must be in (0, 1), got {prevalence}")
+    neg, pos = np.flatnonzero(split.labels == 0), np.flatnonzero(split.labels == 1)
+    n_pos = round(len(neg) * prevalence / (1 - prevalence))
+    rng = np.random.default_rng(seed)
+    if n_pos <= len(pos):
+        keep = np.concatenate([neg, rng.choice(pos, n_pos, replace=False)])
+    else:
+        n_neg = round(len(pos) * (1 - prevalence) / prevalence)
+        keep = np.concatenate([rng.choice(neg, n_neg, replace=False), pos])
+    return split.take(np.sort(keep))
 
 
 def augment_batch(x: torch.Tensor, *, generator: torch.Generator | None = None, strength: float = 1.0) -> torch.Tensor:

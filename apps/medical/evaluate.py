@@ -1,8 +1,9 @@
 """``keel eval medical``: score a registered model on any split of an npz in the PneumoniaMNIST format (SPEC 5).
 
-Metrics: ``auc``; ``accuracy`` of the model's decisions (threshold set for its decision prior, 0.5 by
-default); ``ece`` of the calibrated probabilities (temperature scaling, for the training prevalence;
-with ``--adapt-prior`` re-targeted to the prevalence of the scored images, estimated from them without
+Metrics: ``auc``; ``accuracy`` of the model's decisions (threshold set for its decision prior: by default
+its training prevalence, ``--decision-prior`` states another, e.g. 0.625 for the official test split);
+``ece`` of the calibrated probabilities (temperature scaling, for the training prevalence; with
+``--adapt-prior`` re-targeted to the prevalence of the scored images, estimated from them without
 labels by EM: off by default, as EM measured unstable on weakly trained models, see the README);
 ``ece_uncalibrated`` of the raw network output ``sigmoid(z)``; plus balanced accuracy, sensitivity,
 specificity, the prevalence used and the accuracy of a 0.5 cut of either probability.
@@ -62,7 +63,7 @@ def evaluate(
     """The SPEC section 5 object for ``model_ref`` on ``<split>_images`` / ``<split>_labels`` of ``data``.
 
     ``decision_prior`` overrides the prevalence the model's decisions are made for (default: the one it was
-    trained with, ``MedicalTrainConfig.decision_prior``).
+    registered with, ``MedicalTrainConfig.decision_prior``, which defaults to the training prevalence).
     """
     version, state = registry.load(model_ref)
     xrays = load_split(data, split)

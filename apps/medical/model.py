@@ -194,9 +194,15 @@ class MedicalPredictor:
     prior. Temperature scaling (Guo et al. 2017) fitted on held-out training images gives probabilities
     for the training prior: ``p = sigmoid(z / T + b)``, with ``b = logit(train_prior)`` or, when enough
     images are held out, ``b`` fitted too (a short training leaves the logit off-centre; the fit corrects
-    it). For another prevalence ``q`` the log-odds shift by ``logit(q) - logit(train_prior)``. The decision
-    is made for ``decision_prior``, the prevalence where the model is used: the Bayes decision
+    it). For another prevalence ``q`` the log-odds shift by ``logit(q) - logit(train_prior)`` (the prior-shift
+    correction of Saerens et al. 2002 for a known new prior). The decision is made for ``decision_prior``,
+    the prevalence where the model is used (default: the training prior, i.e. no shift): the Bayes decision
     ``p_q > 0.5`` with ``q = decision_prior``.
+
+    Test-time augmentation: with ``tta = n`` the logit of an image is the mean over the image and ``n``
+    augmented views of it (:func:`apps.medical.data.augment_batch` at ``tta_strength``, a fixed random
+    stream, so the same batch always gives the same logits); the temperature must be fitted with the same
+    ``tta`` (:func:`apps.medical.train.calibrate`).
     """
 
     def __init__(
@@ -205,18 +211,25 @@ class MedicalPredictor:
         *,
         temperature: float = 1.0,
         train_prior: float = 0.5,
-        decision_prior: float = 0.5,
+        decision_prior: float | None = None,
         bias: float | None = None,
         batch_size: int = 256,
+        tta: int = 0,
+        tta_strength: float = 0.5,
     ) -> None:
         if not nets:
             raise ValueError("a predictor needs at least one network")
+        if tta < 0:
+            raise ValueError(f"tta must be >= 0 augmented views, got {tta}")
         self.nets = [n.eval() for n in nets]
         self.temperature = float(temperature)
         self.train_prior = float(train_prior)
         self.bias = _logit(self.train_prior) if bias is None else float(bias)
-        self.decision_prior = float(decision_prior)
+        self.decision_prior = self.train_prior if decision_prior is None else float(decision_prior)
+        if not 0 < self.decision_prior < 1:
+            raise ValueError(f"decision prior must be in (0, 1), got {self.decision_prior}")
         self.batch_size = batch_size
+        self.tta, self.tta_strength = int(tta), float(tta_strength)
 
     @property
     def threshold(self) -> float:
@@ -225,12 +238,23 @@ class MedicalPredictor:
 
     def logits(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Uncalibrated ensemble logits for images (B, H, W) uint8 or (B, 1, H, W) float in [0, 1]."""
+        from apps.medical.data import augment_batch
+
         x = _as_input(images)
         out = []
+        generator = torch.Generator().manual_seed(0)
         with torch.inference_mode():
             for part in x.split(self.batch_size):
-                out.append(torch.stack([net(part) for net in self.nets]).mean(0))
+                views = [part] + [
+                    augment_batch(part, generator=generator, strength=self.tta_strength) for _ in range(self.tta)
+                ]
+                out.append(torch.stack([net(v) for net in self.nets for v in views]).mean(0))
         return torch.cat(out) if out else torch.zeros(0)
+
+    @property
+    def supports_saliency(self) -> bool:
+        """Grad-CAM needs PyTorch networks (an edge export on ONNX Runtime / TorchScript has no gradients)."""
+        return all(isinstance(n, MedicalNet) for n in self.nets)
 
     def calibrated(self, logits: torch.Tensor, *, prior: float | None = None) -> torch.Tensor:
         """P(pneumonia) for the training prior (or ``prior``), from uncalibrated logits."""
@@ -245,6 +269,8 @@ class MedicalPredictor:
         """Serving: ``{"image": (H, W) uint8, "saliency": bool}`` -> probabilities, decision (and a Grad-CAM map)."""
         from apps.medical.saliency import gradcam
 
+        if any(it.get("saliency") for it in items) and not self.supports_saliency:
+            raise ValueError("saliency needs the PyTorch model; this predictor runs an exported (edge) model")
         logits = self.logits(np.stack([it["image"] for it in items]))
         probs = self.calibrated(logits)
         decisions = self.decide(logits)
@@ -269,6 +295,8 @@ class MedicalPredictor:
                 "bias": self.bias,
                 "train_prior": self.train_prior,
                 "decision_prior": self.decision_prior,
+                "tta": self.tta,
+                "tta_strength": self.tta_strength,
             },
         }
 
@@ -283,7 +311,11 @@ def _as_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def load_predictor(version: ModelVersion, state: dict[str, Any]) -> MedicalPredictor:
-    """Rebuilds the predictor of a registered medical model (the registry's ``load`` for serving)."""
+    """Rebuilds the predictor of a registered medical model or edge export (the registry's ``load`` for serving)."""
+    if version.config.get("kind") == "medical-edge":  # an exported variant (python -m apps.medical.edge)
+        from apps.medical.edge import load_edge_predictor
+
+        return load_edge_predictor(version, state)
     if version.config.get("kind") != "medical":
         raise ValueError(f"{version.ref} is not a medical model (config kind {version.config.get('kind')!r})")
     net_cfg = version.config["net"]
@@ -300,6 +332,8 @@ def load_predictor(version: ModelVersion, state: dict[str, Any]) -> MedicalPredi
         bias=float(cal["bias"]) if "bias" in cal else None,
         train_prior=float(cal["train_prior"]),
         decision_prior=float(cal["decision_prior"]),
+        tta=int(cal.get("tta", 0)),
+        tta_strength=float(cal.get("tta_strength", 0.5)),
     )
 
 

@@ -168,9 +168,15 @@ async def classify(
         image = decode_image(data)
     except ImageDecodeError as err:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"cannot read the image: {err}") from None
-    result = await model.predict({"image": image, "saliency": saliency == "png"})
     version = model.model_version
     ref = version.ref if version else model.ref
+    if saliency == "png" and version is not None and version.config.get("kind") == "medical-edge":
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            f"saliency: {ref} is an edge export ({version.config.get('format')}) without gradients; Grad-CAM needs "
+            "the PyTorch model it came from",
+        )
+    result = await model.predict({"image": image, "saliency": saliency == "png"})
     if saliency == "png":
         headers = {
             "X-Keel-Pneumonia-Probability": f"{result['probabilities']['pneumonia']:.6f}",

@@ -11,7 +11,8 @@ temperature scaling and nothing else; the dev ``val`` split is never touched. Th
 
 Class imbalance (74% pneumonia): the loss weights both classes equally (``pos_weight = n_normal / n_pneumonia``),
 so the network's logit carries no class prior; calibration adds the training prior back and the decision
-threshold is set for ``decision_prior`` (see :class:`apps.medical.model.MedicalPredictor`). Augmentation:
+threshold is set for ``decision_prior`` (default: the training prevalence; state the prevalence where the model
+is used to shift it, see :class:`apps.medical.model.MedicalPredictor`). Augmentation:
 :func:`apps.medical.data.augment_batch`. Both phases run through :class:`core.training.Trainer`.
 
 Run::
@@ -47,7 +48,17 @@ from core.registry import CONVERTERS, ModelNotFoundError, ModelRegistry, ModelVe
 from core.training import Trainer
 from core.training.module import build_scheduler
 
-__all__ = ["FineTuneModule", "MedicalTrainConfig", "default_data_path", "fit_member", "fit_predictor", "main"]
+__all__ = [
+    "FineTuneModule",
+    "MedicalTrainConfig",
+    "balanced_bce",
+    "calibrate",
+    "default_data_path",
+    "fit_member",
+    "fit_predictor",
+    "main",
+    "split_labelled",
+]
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +90,20 @@ class MedicalTrainConfig:
     warmup_frac: float = 0.1
     augment: bool = True
     min_holdout_for_bias: int = 100  # held-out images needed to fit the calibration bias as well as T
-    decision_prior: float = 0.625  # prevalence the decision is made for (the official test split: 62.5%)
+    decision_prior: float | None = None  # prevalence the decision is made for; None: the training prevalence
+    tta: int = 0  # test-time augmentation: augmented views averaged with the image (calibrated with them)
     precision: str = "auto"
     seed: int = 0
     progress: bool = True
     name: str = "medical"
     registry_root: str | None = None
     torch_threads: int = 0  # 0: torch default
+
+
+def balanced_bce(logits: torch.Tensor, y: torch.Tensor, *, pos_weight: float) -> torch.Tensor:
+    """BCE weighting both classes equally (``pos_weight = n_normal / n_pneumonia``), mean weight 1."""
+    weight = torch.where(y > 0, pos_weight, 1.0) / ((1 + pos_weight) / 2)
+    return F.binary_cross_entropy_with_logits(logits, y, weight=weight)
 
 
 class FineTuneModule(pl.LightningModule):
@@ -117,8 +135,7 @@ class FineTuneModule(pl.LightningModule):
         self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        weight = torch.where(y > 0, self.pos_weight, 1.0) / ((1 + self.pos_weight) / 2)
-        return F.binary_cross_entropy_with_logits(logits, y, weight=weight)
+        return balanced_bce(logits, y, pos_weight=self.pos_weight)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         images, y = batch
@@ -249,15 +266,7 @@ def fit_predictor(
     data: XraySplit, cfg: MedicalTrainConfig, registry: ModelRegistry
 ) -> tuple[MedicalPredictor, dict[str, Any], ModelVersion | None]:
     """Trains ``cfg.members`` networks on ``data`` (after the label subset) and calibrates them."""
-    labelled = data.take(label_subset(data.labels, cfg.label_fraction, seed=cfg.seed))
-    counts = np.bincount(labelled.labels, minlength=2)
-    if counts.min() < 2:
-        raise ValueError(
-            f"{len(labelled)} labelled images ({counts[0]} normal, {counts[1]} pneumonia) cannot give training and "
-            "held-out images of both classes; use a larger label fraction"
-        )
-    rest, held_idx = stratified_split(labelled.labels, cfg.holdout_frac, seed=cfg.seed)
-    fit, held = labelled.take(rest), labelled.take(held_idx)
+    labelled, fit, held = split_labelled(data, cfg)
     nets, phases, backbone = [], [], None
     for member in range(cfg.members):
         torch.manual_seed(cfg.seed * 1000 + member)
@@ -266,17 +275,37 @@ def fit_predictor(
         phases.append(fit_member(net, fit, held, member_cfg, pretrained=cfg.pretrained and backbone is not None))
         nets.append(net.cpu().eval())  # Lightning leaves it on the training device
     prior = float(labelled.labels.mean())
-    predictor = MedicalPredictor(nets, train_prior=prior, decision_prior=cfg.decision_prior)
-    logits = predictor.logits(held.images).numpy()
-    # Two parameters need more than a few dozen held-out images; below that only T is fitted.
-    predictor.temperature, predictor.bias = fit_temperature(
-        logits, held.labels, bias=math.log(prior / (1 - prior)), fit_bias=len(held) >= cfg.min_holdout_for_bias
-    )
-    z = torch.from_numpy(logits)
-    metrics = binary_metrics(held.labels, predictor.calibrated(z).numpy(), predictor.decide(z).numpy())
+    predictor = MedicalPredictor(nets, train_prior=prior, decision_prior=cfg.decision_prior, tta=cfg.tta)
+    metrics = calibrate(predictor, held, min_holdout_for_bias=cfg.min_holdout_for_bias)
     info = {"n_labelled": len(labelled), "n_fit": len(fit), "n_holdout": len(held), "phases": phases}
     info["holdout_metrics"] = metrics
     return predictor, info, backbone
+
+
+def split_labelled(data: XraySplit, cfg: MedicalTrainConfig) -> tuple[XraySplit, XraySplit, XraySplit]:
+    """``(labelled, fit, held)``: the label subset of ``data`` and its fitting / held-out parts (deterministic in
+    ``cfg.seed``, so a registered model's recipe gives back the exact images it was fitted and calibrated on)."""
+    labelled = data.take(label_subset(data.labels, cfg.label_fraction, seed=cfg.seed))
+    counts = np.bincount(labelled.labels, minlength=2)
+    if counts.min() < 2:
+        raise ValueError(
+            f"{len(labelled)} labelled images ({counts[0]} normal, {counts[1]} pneumonia) cannot give training and "
+            "held-out images of both classes; use a larger label fraction"
+        )
+    rest, held_idx = stratified_split(labelled.labels, cfg.holdout_frac, seed=cfg.seed)
+    return labelled, labelled.take(rest), labelled.take(held_idx)
+
+
+def calibrate(predictor: MedicalPredictor, held: XraySplit, *, min_holdout_for_bias: int) -> dict[str, float]:
+    """Fits the predictor's temperature (and, with enough held-out images, its bias) on ``held``, in place;
+    returns its held-out metrics. Two parameters need more than a few dozen images; below that only T is fitted."""
+    logits = predictor.logits(held.images).numpy()
+    prior = predictor.train_prior
+    predictor.temperature, predictor.bias = fit_temperature(
+        logits, held.labels, bias=math.log(prior / (1 - prior)), fit_bias=len(held) >= min_holdout_for_bias
+    )
+    z = torch.from_numpy(logits)
+    return binary_metrics(held.labels, predictor.calibrated(z).numpy(), predictor.decide(z).numpy())
 
 
 def main(cfg: MedicalTrainConfig) -> ModelVersion:
@@ -324,7 +353,7 @@ def _parse_args(argv: list[str] | None = None) -> MedicalTrainConfig:
         if isinstance(default, bool):
             parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=default)
         else:
-            kind = type(default) if default is not None else str
+            kind = float if str(f.type).startswith("float") else type(default) if default is not None else str
             parser.add_argument(flag, type=kind, default=default)
     return MedicalTrainConfig(**vars(parser.parse_args(argv)))
 

@@ -129,3 +129,46 @@ def test_em_recovers_a_shifted_prevalence_without_labels() -> None:
         x = rng.normal(np.where(y, 1.0, -1.0), 1.0)  # log-likelihood ratio 2x
         probs = 1 / (1 + np.exp(-(2 * x + np.log(0.74 / 0.26))))  # calibrated for a 74% training prevalence
         assert estimate_prior(probs, 0.74) == pytest.approx(prevalence, abs=0.02)
+
+
+def _prior_data(prevalence: float, n: int, seed: int) -> tuple[np.ndarray, torch.Tensor]:
+    """Labels and balanced logits (log-likelihood ratios) of a two-Gaussian problem at ``prevalence``."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < prevalence).astype(np.int64)
+    x = rng.normal(np.where(y == 1, 1.0, -1.0), 1.0)
+    return y, torch.from_numpy(2 * x)  # log p(x|1) / p(x|0) = 2x: a logit that carries no prior
+
+
+def test_prior_shift_is_the_log_odds_offset_and_pays_under_shift() -> None:
+    net = MedicalNet(MedicalNetConfig(architecture=ARCHS["torchvision"], input_size=28))
+    predictor = MedicalPredictor([net], train_prior=0.74)  # bias: logit(0.74), the training prior
+    assert predictor.decision_prior == 0.74 and predictor.threshold == pytest.approx(0.5)  # default: no shift
+    y, z = _prior_data(0.4, 20000, seed=1)  # deployed where 40% are positive, trained at 74%
+    at_train = predictor.calibrated(z)
+    shifted = predictor.calibrated(z, prior=0.4)
+    offset = np.log(0.4 / 0.6) - np.log(0.74 / 0.26)
+    torch.testing.assert_close(torch.logit(shifted.double()), torch.logit(at_train.double()) + offset)
+    # the corrected probabilities are calibrated at the new prior; the uncorrected ones are not
+    assert expected_calibration_error(shifted.numpy(), y) < 0.02 < expected_calibration_error(at_train.numpy(), y)
+    naive = predictor.decide(z).numpy()
+    predictor.decision_prior = 0.4
+    bayes = predictor.decide(z).numpy()
+    assert (bayes == (shifted.numpy() > 0.5)).all() and (bayes == (at_train.numpy() > predictor.threshold)).all()
+    assert (bayes == y).mean() > (naive == y).mean() + 0.02  # deciding for the stated prior is more accurate
+    with pytest.raises(ValueError, match="decision prior must be in"):
+        MedicalPredictor([net], train_prior=0.74, decision_prior=1.0)
+
+
+def test_test_time_augmentation_is_deterministic_and_recorded() -> None:
+    torch.manual_seed(0)
+    net = MedicalNet(MedicalNetConfig(architecture=ARCHS["torchvision"], input_size=28))
+    images = (np.random.default_rng(0).random((6, 28, 28)) * 255).astype(np.uint8)
+    plain = MedicalPredictor([net]).logits(images)
+    tta = MedicalPredictor([net], tta=3)
+    first, again = tta.logits(images), tta.logits(images)
+    torch.testing.assert_close(first, again)  # a fixed random stream
+    assert not torch.allclose(first, plain)
+    state = tta.registry_state()["calibration"]
+    assert state["tta"] == 3 and state["tta_strength"] == tta.tta_strength
+    with pytest.raises(ValueError, match="tta must be >= 0"):
+        MedicalPredictor([net], tta=-1)

@@ -106,3 +106,37 @@ def test_gateway_serves_the_page_and_classifies_under_the_prefix(trained_registr
         assert "saliency" in c.get("/medical/ui").text
         r = c.post("/medical/v1/classify", files={"file": ("x.png", _encode(_xray(1), "PNG"), "image/png")})
         assert r.status_code == 200, r.text
+
+
+@pytest.fixture(scope="module")
+def edge_ref(trained_registry: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """An ONNX Runtime export of the tiny model, registered as ``medical-edge`` (parent medical@1)."""
+    from apps.medical.edge import EdgeConfig, build_variants, register_variant
+    from apps.medical.model import load_predictor
+    from apps.medical.train import MedicalTrainConfig
+    from core.registry import ModelRegistry
+
+    registry = ModelRegistry(trained_registry)
+    version, state = registry.load("medical@1")
+    recipe = MedicalTrainConfig(**{**version.config["recipe"], "registry_root": None})
+    folder = tmp_path_factory.mktemp("edge")
+    (onnx,) = build_variants(load_predictor(version, state), recipe, EdgeConfig(variants=("onnx",)), folder, source="t")
+    return register_variant(registry, onnx, parent=version, cfg=EdgeConfig(), metrics={}).ref
+
+
+def test_an_edge_export_serves_without_saliency(trained_registry: Path, edge_ref: str) -> None:
+    from apps.medical.service import MedicalSettings
+
+    settings = ServingSettings(registry_root=trained_registry, reload_interval_s=0)
+    with (
+        TestClient(create_app(settings, MedicalSettings(model_ref=edge_ref))) as c,
+        TestClient(create_app(settings)) as torch_client,
+    ):
+        png = {"file": ("x.png", _encode(_xray(1), "PNG"), "image/png")}
+        r = c.post("/v1/classify", files=png)
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == edge_ref
+        reference = torch_client.post("/v1/classify", files=png).json()  # the PyTorch model it was exported from
+        assert r.json()["decision"] == reference["decision"]
+        r = c.post("/v1/classify?saliency=png", files=png)
+        assert r.status_code == 422 and "edge export" in r.json()["detail"] and "Grad-CAM" in r.json()["detail"]

@@ -69,7 +69,8 @@ def test_keel_eval_cli_prints_the_contract_as_last_line(
 
 def test_the_decision_prior_moves_the_threshold_not_the_ranking(trained_registry: Path, synthetic_npz: Path) -> None:
     registry = ModelRegistry(trained_registry)
-    assert registry.get("medical@1").config["calibration"]["decision_prior"] == 0.625
+    cal = registry.get("medical@1").config["calibration"]
+    assert cal["decision_prior"] == cal["train_prior"]  # by default no shift is assumed
     low = evaluate("medical@1", synthetic_npz, "test", registry=registry, decision_prior=0.05)["metrics"]
     high = evaluate("medical@1", synthetic_npz, "test", registry=registry, decision_prior=0.95)["metrics"]
     assert low["auc"] == high["auc"] and low["ece"] == high["ece"]
