@@ -7,7 +7,7 @@ on a non-square pair, proving the dynamic batch / height / width axes):
 * ``fp32``: the detector as ONNX, run by ONNX Runtime on CPU;
 * ``int8`` (the edge default): that ONNX graph statically quantised to int8 by ONNX Runtime (QDQ, per-channel
   weights, MinMax activation ranges calibrated on training pairs), the int8 path that is fast in ONNX Runtime; the
-  three 1x1 output convolutions stay fp32 (see :func:`_head_convs`);
+  three 1x1 output convolutions stay fp32 (see :func:`quantize_onnx`);
 * ``int8-fx``: :func:`core.compression.quantize_static` (torch FX, x86 int8 kernels, calibrated on the same pairs)
   exported as TorchScript; torch's quantised FX graphs cannot be exported to ONNX.
 
@@ -40,6 +40,7 @@ from apps.pcb_inspection.data import PairRecord, PcbDataset, read_list
 from apps.pcb_inspection.model import INPUT_NAME, OUTPUT_NAMES, PcbDetector, PcbDetectorConfig, to_input
 from core.compression import quantize_static
 from core.compression.export import ExportReport, export_onnx, export_torchscript
+from core.compression.export import quantize_onnx as core_quantize_onnx
 from core.lite import LiteModel
 from core.lite.artifact import architecture_for, artifact_state
 from core.registry import ModelRegistry, ModelVersion
@@ -132,42 +133,17 @@ def _int8_ort(model: PcbDetector, path: Path, *, example: torch.Tensor, checks: 
 
 
 def quantize_onnx(src: Path | str, dst: Path | str, *, calibration: Sequence[torch.Tensor]) -> None:
-    """ONNX Runtime static int8 (QDQ) of an fp32 detector export: per-channel int8 weights, uint8 activations with
-    MinMax ranges from ``calibration`` ((1, 2, H, W) inputs); the output convolutions stay fp32 (:func:`_head_convs`).
+    """ONNX Runtime static int8 of an fp32 detector export (:func:`core.compression.quantize_onnx`), calibrated on
+    ``calibration`` ((1, 2, H, W) inputs), with the three 1x1 output convolutions kept fp32: quantising them costs
+    0.011 mAP@0.5 on the held-out pairs (the heatmap logits' range is wide and their peaks are what decoding ranks),
+    and in fp32 they cost almost no time (64 -> 10 channels at stride 4).
     """
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class _Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.items = iter([{INPUT_NAME: x.numpy()} for x in calibration])
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self.items, None)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        pre = Path(tmp) / "pre.onnx"
-        # Symbolic shape inference gives up on the dynamic height / width; ONNX's own inference is enough here.
-        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-        quantize_static(str(pre), str(dst), _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=_head_convs(pre))  # fmt: skip
-
-
-def _head_convs(path: Path) -> list[str]:
-    """The graph's names of the three 1x1 output convolutions, kept fp32 in the int8 model.
-
-    Quantising them costs 0.011 mAP@0.5 on the held-out pairs (the heatmap logits' range is wide and their peaks are
-    what decoding ranks); in fp32 they cost almost no time (64 -> 10 channels at stride 4).
-    """
-    import onnx
-
-    weights = {f"{head}.weight" for head in ("heatmap", "size", "offset")}
-    names = [n.name for n in onnx.load(str(path)).graph.node if n.op_type == "Conv" and n.input[1] in weights]
-    if len(names) != len(weights):
-        raise ValueError(f"expected the {len(weights)} head convolutions {sorted(weights)} in the ONNX graph, found "
-                         f"{len(names)}: the exporter's initializer names changed; update _head_convs")  # fmt: skip
-    return names
+    core_quantize_onnx(
+        src,
+        dst,
+        calibration=[{INPUT_NAME: x.numpy()} for x in calibration],
+        keep_fp32=[f"{head}.weight" for head in ("heatmap", "size", "offset")],
+    )
 
 
 @EXPORTERS.register("int8-fx")

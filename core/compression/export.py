@@ -25,6 +25,7 @@ import contextlib
 import io
 import json
 import logging
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -47,7 +48,7 @@ from core.lite.artifact import (
 from core.lite.runtime import LiteModel
 from core.registry import ModelRegistry, ModelVersion
 
-__all__ = ["ExportParityError", "ExportReport", "export_onnx", "export_torchscript", "register_export"]
+__all__ = ["ExportParityError", "ExportReport", "export_onnx", "export_torchscript", "quantize_onnx", "register_export"]
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +245,59 @@ def register_export(
         parent=parent_ref,
         aliases=aliases,
     )
+
+
+def quantize_onnx(
+    src: Path | str,
+    dst: Path | str,
+    *,
+    calibration: Sequence[Mapping[str, np.ndarray]],
+    keep_fp32: Sequence[str] = (),
+    per_channel: bool = True,
+) -> None:
+    """ONNX Runtime static int8 (QDQ) of an fp32 ONNX export: int8 weights, uint8 activations.
+
+    Activation ranges are the min / max seen on ``calibration`` (feeds: input name -> array). Ops that read one of
+    the ``keep_fp32`` weights (initializer names, e.g. ``"head.weight"``) stay in fp32: layers whose output range
+    matters more than their cost (a detector's output convolutions). Core's FX int8 models cannot be exported to
+    ONNX, so this is the int8 path for a model served by ONNX Runtime (:class:`core.lite.LiteModel`).
+    """
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if not calibration:
+        raise ValueError("quantize_onnx needs at least one calibration feed")
+
+    class _Feeds(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(calibration)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            item = next(self.items, None)
+            return None if item is None else dict(item)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        # Symbolic shape inference gives up on dynamic spatial axes (and then leaves files in the working
+        # directory); ONNX's own shape inference is enough for quantisation.
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        graph = onnx.load(str(pre)).graph
+        keep = set(keep_fp32)
+        excluded = [n.name for n in graph.node if keep.intersection(n.input)]
+        found = {i for n in graph.node for i in n.input} & keep
+        if found != keep:
+            raise ValueError(f"keep_fp32 names no weight of the graph: {sorted(keep - found)}")
+        quantize_static(
+            str(pre),
+            str(dst),
+            _Feeds(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=per_channel,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=excluded,
+        )
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ from core.compression.export import (
     ExportReport,
     export_onnx,
     export_torchscript,
+    quantize_onnx,
     register_export,
 )
 from core.lite import LiteModel
@@ -195,3 +196,25 @@ def test_registered_export_keeps_lineage_and_serves_the_same_outputs(tmp_path: P
         LiteModel.from_registry(registry, "enc-onnx@1")
     with pytest.raises(ValueError, match="enc@1 is not an exported model"):
         LiteModel.from_registry(registry, "enc@1")
+
+
+def test_int8_onnx_tracks_fp32_and_keeps_named_weights_in_fp32(exported: Exporter, tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    model, report = exported("cnn", "onnx")
+    gen = torch.Generator().manual_seed(5)
+    feeds = [{"x": torch.randn(4, 3, 16, 16, generator=gen).numpy()} for _ in range(4)]
+    dst = tmp_path / "int8.onnx"
+    quantize_onnx(report.path, dst, calibration=feeds, keep_fp32=["stem.0.weight"])
+    nodes = onnx.load(str(dst)).graph.node
+    assert any(n.op_type == "DequantizeLinear" for n in nodes)  # something became int8 ...
+    assert any(n.op_type == "Conv" and "stem.0.weight" in n.input for n in nodes)  # ... but not the kept conv
+    x = feeds[0]["x"]
+    got = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    with torch.inference_mode():
+        want = model(torch.from_numpy(x)).numpy()
+    assert np.abs(got - want).max() < 0.1 * np.abs(want).max() + 0.05
+    with pytest.raises(ValueError, match="no weight of the graph"):
+        quantize_onnx(report.path, tmp_path / "bad.onnx", calibration=feeds, keep_fp32=["nope.weight"])
+    with pytest.raises(ValueError, match="calibration"):
+        quantize_onnx(report.path, tmp_path / "bad.onnx", calibration=[])
