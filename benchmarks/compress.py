@@ -16,12 +16,14 @@ pretrained weights and starts from random initialisation.
     keel bench compress --size 32 --train-samples 1024 --epochs 2 --models efficientnet_lite0
     keel bench compress --device cuda                     # fine-tune on a GPU, latency still on CPU threads
     keel bench compress --latency-check --size 32 --repeats 20 --out compress_latency   # round-robin timing only
+    keel bench compress --latency-check --size 224 --repeats 10 --out compress_latency_224
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -191,10 +193,19 @@ def best_combination(
 
 def latency_check(args: argparse.Namespace) -> None:
     """fp32 vs int8 vs pruned latency, the variants timed in turn (round-robin) so that load from other jobs on
-    a shared machine hits them alike; weights do not change latency, so random-init models are used."""
+    a shared machine hits them alike; weights do not change latency, so random-init models are used.
+
+    Each round times every variant at batch 1 then batch 16, as a micro-batching server calls a model. Speed-ups
+    are given two ways: best fp32 / best variant, and the median over rounds of the ratio within the round (the
+    steadier figure when the load changes during the run). The ``x86 engine`` row is static int8 with torch's
+    default engine, as before issue #4 (oneDNN convs, fast only for the first input shape they see).
+    """
+    import os
+
     from core.compression import quantize_static
 
     rows = []
+    load = {"start": os.getloadavg()[0]}  # other jobs' load: a shared machine's figures need it beside them
     for name in args.models:
         torch.manual_seed(0)
         model = build(name)[0].eval()
@@ -204,24 +215,44 @@ def latency_check(args: argparse.Namespace) -> None:
         variants = {
             "fp32": model,
             "static int8": quantize_static(model, calibration_data=calib, example_input=x[:1]),
+            "static int8, x86 engine (before #4)": quantize_static(
+                model, calibration_data=calib, example_input=x[:1], engine="x86"
+            ),
             "channel pruning 50%": pruned[0.5],
             f"pruning {args.combo_rate:.0%} + static int8": quantize_static(
                 pruned[args.combo_rate], calibration_data=calib, example_input=x[:1]
             ),
         }
-        times: dict[tuple[str, int], list[float]] = {(v, bs): [] for v in variants for bs in (1, 16)}
-        with torch.inference_mode():
-            for _ in range(args.repeats + 2):
-                for (v, bs), ts in times.items():
-                    t0 = time.perf_counter()
-                    variants[v](x[:bs])
-                    ts.append((time.perf_counter() - t0) * 1e3)
+        times = round_robin(variants, x, args.repeats)
         for v in variants:
-            b1, b16 = (min(times[v, bs][2:]) for bs in (1, 16))
-            base = min(times["fp32", 16][2:])
-            rows.append({"model": name, "variant": v, "lat_b1_ms": b1, "lat_b16_ms": b16, "speedup_b16": base / b16})
-    print_table(f"Round-robin CPU latency, {args.size} px, {args.threads} threads, best of {args.repeats}", rows)
-    write_json(args.out, {"command": "keel bench compress " + " ".join(sys.argv[1:]), "rows": rows})
+            row: dict[str, Any] = {"model": name, "variant": v}
+            for bs in (1, 16):
+                row[f"lat_b{bs}_ms"] = min(times[v, bs])
+            for bs in (1, 16):
+                row[f"speedup_b{bs}"] = min(times["fp32", bs]) / min(times[v, bs])
+                ratios = [f / t for f, t in zip(times["fp32", bs], times[v, bs], strict=True)]
+                row[f"median_speedup_b{bs}"] = statistics.median(ratios)
+            rows.append(row)
+        print_table(f"{name}, {args.size} px", [r for r in rows if r["model"] == name])
+    title = f"Round-robin CPU latency, {args.size} px, {args.threads} threads, best of {args.repeats}"
+    print_table(title, rows)
+    load["end"] = os.getloadavg()[0]
+    command = "keel bench compress " + " ".join(sys.argv[1:])
+    payload = {"command": command, "size": args.size, "threads": args.threads, "load_average_1min": load}
+    write_json(args.out, {**payload, "rows": rows})
+
+
+def round_robin(variants: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> dict[tuple[str, int], list[float]]:
+    """ms per call of every (variant, batch size), ``repeats`` rounds after two warm-up rounds."""
+    times: dict[tuple[str, int], list[float]] = {(v, bs): [] for v in variants for bs in (1, 16)}
+    with torch.inference_mode():
+        for i in range(repeats + 2):
+            for (v, bs), ts in times.items():
+                t0 = time.perf_counter()
+                variants[v](x[:bs])
+                if i >= 2:
+                    ts.append((time.perf_counter() - t0) * 1e3)
+    return times
 
 
 def main() -> None:
@@ -237,7 +268,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--combo-rate", type=float, default=0.6, help="channel pruning rate of the best combination")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for latency (and CPU training)")
-    parser.add_argument("--repeats", type=int, default=10, help="timed runs per latency figure (median)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed runs per latency figure")
     parser.add_argument("--device", default="cpu", help="where to fine-tune: cpu or cuda (latency is always CPU)")
     parser.add_argument("--skip", nargs="*", default=[], help="technique names to leave out")
     parser.add_argument("--out", default="compress", help="results/<out>.json")

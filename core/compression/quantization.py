@@ -1,11 +1,21 @@
 """int8 quantisation: dynamic (Linear / LSTM / GRU), static post-training with calibration, and QAT.
 
-Static PTQ and QAT use torch's FX graph mode (``prepare_fx`` / ``convert_fx``) with the ``x86`` backend
-(oneDNN / FBGEMM int8 kernels): Conv, Linear and their fused BatchNorm / ReLU run in int8, so CNNs get
-faster on CPU too, not only their Linear layers. torch 2.14 ships no PT2E in ``torch.ao`` any more (it
-moved to torchao, whose speed-up on CPU comes through ``torch.compile``); FX mode gives int8 kernels in
-eager PyTorch and needs no compiler. ``torch.ao.quantization`` announces its own deprecation on every
-call; that warning is aimed at torch's roadmap, not at the caller, so it is silenced here, in one place.
+Static PTQ and QAT use torch's FX graph mode (``prepare_fx`` / ``convert_fx``) with FBGEMM int8 kernels:
+Conv, Linear, their fused BatchNorm / ReLU and the residual ``add + relu`` run in int8, so CNNs get faster
+on CPU too, not only their Linear layers.
+
+Why FBGEMM and not torch's default ``x86`` engine: on a CPU with AVX512-VNNI, ``x86`` packs most convs for
+oneDNN, and torch's oneDNN int8 conv keeps one ready primitive per layer, for the input shape of its first
+call. Any other shape (batch 16 after batch 1, as a micro-batching server sends) takes a slow path that
+rebuilds the primitive and, where oneDNN wants another weight layout for that shape, reorders the weights
+on every call: ResNet-50 at 32 px ran batch 16 in int8 2.5x *slower* than fp32 (Keel issue #4).
+FBGEMM packs the weights once for every shape. The quantisation parameters are the same for both engines
+(same default qconfig), so accuracy does not change; ``engine="x86"`` is still there to compare.
+
+torch 2.14 ships no PT2E in ``torch.ao`` any more (it moved to torchao, whose speed-up on CPU comes through
+``torch.compile``); FX mode gives int8 kernels in eager PyTorch and needs no compiler.
+``torch.ao.quantization`` announces its own deprecation on every call; that warning is aimed at torch's
+roadmap, not at the caller, so it is silenced here, in one place.
 
 Example::
 
@@ -29,11 +39,21 @@ __all__ = ["QUANT_BACKEND", "quantize_dynamic", "quantize_static", "prepare_qat"
 
 log = logging.getLogger(__name__)
 
-QUANT_BACKEND = "x86"
+QUANT_BACKEND = "fbgemm"
 
 
 @contextlib.contextmanager
-def _ao() -> Iterator[None]:
+def _ao(engine: str = QUANT_BACKEND) -> Iterator[None]:
+    """Silences torch.ao's deprecation chatter and packs int8 weights for ``engine``.
+
+    The engine is process-wide (a copied or reloaded int8 module re-packs its weights for the current one),
+    so it is put back to :data:`QUANT_BACKEND` afterwards, whatever ``engine`` was asked for.
+    """
+    if engine not in torch.backends.quantized.supported_engines:
+        raise ValueError(
+            f"quantisation engine {engine!r} is not available here; torch offers "
+            f"{torch.backends.quantized.supported_engines} (use {QUANT_BACKEND!r}, the default)"
+        )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated")
         warnings.filterwarnings("ignore", message=r".*must run observer before calling calculate_qparams.*")
@@ -41,8 +61,11 @@ def _ao() -> Iterator[None]:
         warnings.filterwarnings("ignore", message=r"Please use quant_min and quant_max", category=UserWarning)
         # quantized tensor dtypes are slated for removal in favour of torchao; they are what runs int8 today
         warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel")
-        torch.backends.quantized.engine = QUANT_BACKEND
-        yield
+        torch.backends.quantized.engine = engine
+        try:
+            yield
+        finally:
+            torch.backends.quantized.engine = QUANT_BACKEND
 
 
 def quantize_dynamic(
@@ -121,14 +144,47 @@ def static_same_padding(model: nn.Module, example_input: torch.Tensor) -> nn.Mod
     return model
 
 
-def _qconfig(qat: bool) -> Any:
+def skip_identities(model: nn.Module) -> nn.Module:
+    """``model`` traced by FX with its ``nn.Identity`` calls bypassed (``model`` itself when it has none).
+
+    timm leaves ``nn.Identity`` placeholders between BatchNorm and ReLU (ResNet's drop-block and
+    anti-aliasing slots); they hide ``conv -> bn -> relu`` from FX's fusion patterns, so every block would run
+    its middle ReLU as a separate int8 pass and quantise the conv output before the ReLU, wasting half
+    the int8 range on values the ReLU then zeroes.
+    """
+    if not any(type(m) is nn.Identity for m in model.modules()):
+        return model
+    traced = fx.symbolic_trace(model)
+    for node in list(traced.graph.nodes):
+        identity = node.op == "call_module" and type(traced.get_submodule(node.target)) is nn.Identity
+        if identity and len(node.args) == 1 and not node.kwargs:
+            node.replace_all_uses_with(node.args[0])
+            traced.graph.erase_node(node)
+    traced.graph.lint()
+    traced.recompile()
+    traced.delete_all_unused_submodules()
+    return traced.train(model.training)
+
+
+def _float_for_fx(model: nn.Module, example_input: torch.Tensor) -> nn.Module:
+    """A copy of ``model`` in the form FX quantisation can trace and fuse (see the three helpers above)."""
+    model = static_same_padding(copy.deepcopy(model).eval(), example_input)
+    return skip_identities(plain_norm_act(model))
+
+
+def _qconfig(qat: bool, engine: str = QUANT_BACKEND) -> Any:
     from torch.ao.quantization import get_default_qat_qconfig_mapping, get_default_qconfig_mapping
 
-    return get_default_qat_qconfig_mapping(QUANT_BACKEND) if qat else get_default_qconfig_mapping(QUANT_BACKEND)
+    return get_default_qat_qconfig_mapping(engine) if qat else get_default_qconfig_mapping(engine)
 
 
 def quantize_static(
-    model: nn.Module, *, calibration_data: Iterable[Any], example_input: torch.Tensor, max_batches: int | None = None
+    model: nn.Module,
+    *,
+    calibration_data: Iterable[Any],
+    example_input: torch.Tensor,
+    max_batches: int | None = None,
+    engine: str = QUANT_BACKEND,
 ) -> fx.GraphModule:
     """Static int8 post-training quantisation (per-channel weights, calibrated activation ranges).
 
@@ -137,15 +193,16 @@ def quantize_static(
         calibration_data: batches (tensors or ``(inputs, targets)``) run through the observers.
         example_input: one batch, for tracing.
         max_batches: stop calibrating after this many batches.
+        engine: int8 kernels the weights are packed for; ``"x86"`` (torch's default, oneDNN for most convs
+            on VNNI CPUs) is only fast for the first input shape it sees, see the module docstring.
 
     Raises:
-        ValueError: no calibration batches.
+        ValueError: no calibration batches, or ``engine`` is not available.
     """
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-    with _ao():
-        float_model = plain_norm_act(static_same_padding(copy.deepcopy(model).eval(), example_input))
-        prepared = prepare_fx(float_model, _qconfig(False), (example_input,))
+    with _ao(engine):
+        prepared = prepare_fx(_float_for_fx(model, example_input), _qconfig(False, engine), (example_input,))
         seen = 0
         with torch.no_grad():
             for batch in calibration_data:
@@ -164,8 +221,7 @@ def prepare_qat(model: nn.Module, *, example_input: torch.Tensor) -> fx.GraphMod
     from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
     with _ao():
-        model = static_same_padding(copy.deepcopy(model).eval(), example_input)
-        return prepare_qat_fx(plain_norm_act(model).train(), _qconfig(True), (example_input,))
+        return prepare_qat_fx(_float_for_fx(model, example_input).train(), _qconfig(True), (example_input,))
 
 
 def convert_qat(prepared: nn.Module) -> fx.GraphModule:
