@@ -9,13 +9,22 @@
 7. :func:`factorize` - low-rank (SVD) factorisation of Linear and Conv layers;
 8. :func:`cast_weights` (fp16 / bf16) and :func:`cluster_weights`.
 
+Plus :class:`TransformerPruner` / :func:`prune_transformer`: attention heads, FFN neurons, layers and the
+hidden size of Transformer encoders, iteratively with distillation.
+
 :func:`compress` runs any of them by name (:data:`TECHNIQUES`) and returns ``(model, report)``.
 """
 
 from core.compression.casting import cast_weights, cluster_weights
 from core.compression.distillation import distill
 from core.compression.lowrank import LowRankSettings, factorize
-from core.compression.pruning import ChannelPruner, magnitude_prune, prune_gradually
+from core.compression.pruning import (
+    ChannelPruner,
+    TransformerPruner,
+    magnitude_prune,
+    prune_gradually,
+    prune_transformer,
+)
 from core.compression.quantization import quantize_dynamic, quantize_static, train_qat
 from core.compression.report import CompressionReport, CompressionResult, ModelStats, accuracy, build_report
 from core.compression.techniques import TECHNIQUES, CompressionContext, compress, finetune
@@ -28,6 +37,7 @@ __all__ = [
     "CompressionResult",
     "LowRankSettings",
     "ModelStats",
+    "TransformerPruner",
     "accuracy",
     "build_report",
     "cast_weights",
@@ -38,6 +48,7 @@ __all__ = [
     "finetune",
     "magnitude_prune",
     "prune_gradually",
+    "prune_transformer",
     "quantize_dynamic",
     "quantize_static",
     "train_qat",

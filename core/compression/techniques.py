@@ -22,6 +22,7 @@ from core.compression.casting import cast_weights, cluster_weights
 from core.compression.distillation import distill
 from core.compression.lowrank import LowRankSettings, factorize
 from core.compression.pruning.channel import ChannelPruner
+from core.compression.pruning.transformer import prune_transformer
 from core.compression.pruning.unstructured import magnitude_prune, prune_gradually
 from core.compression.quantization import quantize_dynamic, quantize_static, train_qat
 from core.compression.report import CompressionResult, MetricFn, accuracy, build_report
@@ -101,6 +102,31 @@ def _channel_pruning(
     )
     pruned = pruner.prune()
     return finetune(pruned, ctx, epochs=finetune_epochs, lr=lr) if finetune_epochs > 0 else pruned
+
+
+@TECHNIQUES.register("transformer_pruning")
+def _transformer_pruning(
+    model: nn.Module,
+    ctx: CompressionContext,
+    *,
+    target: float = 0.3,
+    steps: int = 3,
+    epochs: int = 1,
+    drop_layers: int = 0,
+    prune_hidden: bool = True,
+    temperature: float = 2.0,
+    alpha: float = 0.5,
+    lr: float = 5e-4,
+    batch_size: int = 32,
+) -> nn.Module:
+    """Heads / FFN neurons / hidden size (and ``drop_layers`` layers) down to ``target`` x the parameters, in
+    ``steps``; each step is distilled from ``model`` for ``epochs`` when ``ctx.train_data`` is given."""
+    calib = list(_need(ctx, "calibration_data", "transformer_pruning"))
+    return prune_transformer(
+        model, target=target, calibration_data=calib, train_data=ctx.train_data, steps=steps, epochs=epochs,
+        drop_layers=drop_layers, prune_hidden=prune_hidden, example_input=ctx.example_input, temperature=temperature,
+        alpha=alpha, lr=lr, batch_size=batch_size, **(ctx.trainer_kwargs or {}),
+    )  # fmt: skip
 
 
 @TECHNIQUES.register("magnitude_pruning")

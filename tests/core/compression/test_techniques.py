@@ -53,7 +53,7 @@ def _batches(ds: TensorDataset, bs: int = 16) -> list[tuple[torch.Tensor, torch.
 def test_registry_holds_the_eight_techniques() -> None:
     assert set(TECHNIQUES.names()) == {
         "channel_pruning", "magnitude_pruning", "dynamic_int8", "static_int8", "qat", "distillation", "low_rank",
-        "fp16", "bf16", "weight_clustering",
+        "fp16", "bf16", "weight_clustering", "transformer_pruning",
     }  # fmt: skip
     with pytest.raises(KeyError, match="unknown compression technique 'nope'; known: bf16"):
         TECHNIQUES.get("nope")
