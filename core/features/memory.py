@@ -14,7 +14,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from core.features.store import FEATURE_STORE_BACKENDS, FeatureStore, Key, broadcast_now, check_batch
+from core.features.store import (
+    FEATURE_STORE_BACKENDS,
+    FeatureStore,
+    Key,
+    broadcast_now,
+    check_batch,
+    check_read_before,
+)
 from core.features.windows import StoreStats, WindowBatch, WindowFeatures, WindowSpec, check_event
 
 __all__ = ["MemoryFeatureStore"]
@@ -125,10 +132,7 @@ class MemoryFeatureStore(FeatureStore):
         # The columnar fast path: per event only the binary searches and prefix-sum differences run in Python;
         # means, stds and sums are finished in numpy with the same float operations as _features, so the
         # numbers are identical to read() + update() event by event (the default this overrides).
-        if values is not None:
-            check_batch(keys, ts=ts, values=values, distinct=distinct)
-        elif len(ts) != len(keys):
-            raise ValueError(f"read_before: keys has {len(keys)} items but ts has {len(ts)}; pass one time per key")
+        check_read_before(keys, ts=ts, values=values, distinct=distinct)
         st = self._state(spec)
         windows, last_n, track = spec.windows, spec.last_n, spec.track_distinct
         n_rows, n_win = len(keys), len(spec.windows)

@@ -11,7 +11,15 @@ from typing import Any, cast
 from core.features.windows import StoreStats, WindowBatch, WindowFeatures, WindowSpec
 from core.utils.registry import Registry
 
-__all__ = ["FeatureStore", "Key", "FEATURE_STORE_BACKENDS", "create_store", "check_batch", "broadcast_now"]
+__all__ = [
+    "FeatureStore",
+    "Key",
+    "FEATURE_STORE_BACKENDS",
+    "create_store",
+    "check_batch",
+    "check_read_before",
+    "broadcast_now",
+]
 
 Key = str | int
 
@@ -66,10 +74,7 @@ class FeatureStore(ABC):
         alternating :meth:`read` and :meth:`update` event by event, which is what this default does. Backends
         override it with a faster path that gives the same numbers.
         """
-        if values is not None:
-            check_batch(keys, ts=ts, values=values, distinct=distinct)
-        elif len(ts) != len(keys):
-            raise ValueError(f"read_before: keys has {len(keys)} items but ts has {len(ts)}; pass one time per key")
+        check_read_before(keys, ts=ts, values=values, distinct=distinct)
         rows = []
         for i, key in enumerate(keys):
             t = float(ts[i])
@@ -110,6 +115,16 @@ def check_batch(
     bad = {k: v for k, v in lengths.items() if v != n}
     if bad:
         raise ValueError(f"update_many: keys has {n} items but {bad} differ; pass one entry per event in every column")
+
+
+def check_read_before(
+    keys: Sequence[Key], *, ts: Sequence[float], values: Sequence[float] | None, distinct: Sequence[str] | None
+) -> None:
+    """Raise a ValueError when the columns of a ``read_before`` call differ in length."""
+    if values is not None:
+        check_batch(keys, ts=ts, values=values, distinct=distinct)
+    elif len(ts) != len(keys):
+        raise ValueError(f"read_before: keys has {len(keys)} items but ts has {len(ts)}; pass one time per key")
 
 
 def broadcast_now(now: float | Sequence[float], n: int) -> Sequence[float]:
