@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
@@ -21,7 +22,7 @@ from core.utils.registry import Registry
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-__all__ = ["AppSpec", "load_apps", "user_errors", "ENTRY_POINT_GROUP"]
+__all__ = ["AppSpec", "load_apps", "page_beside", "user_errors", "ENTRY_POINT_GROUP"]
 
 ENTRY_POINT_GROUP = "keel.apps"
 
@@ -52,6 +53,11 @@ class AppSpec:
     demo: Callable[..., Any]
     stream: Callable[..., Any] | None = None
     page: str | None = None
+
+
+def page_beside(module_file: str, name: str = "page.html") -> str:
+    """The HTML file ``name`` next to an app's module (``page_beside(__file__)``), for :attr:`AppSpec.page`."""
+    return (Path(module_file).parent / name).read_text(encoding="utf-8")
 
 
 @contextmanager

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from apps.fraud.data import DataFormatError
-from core.apps import AppSpec, user_errors
+from core.apps import AppSpec, page_beside, user_errors
 from core.registry import ModelNotFoundError, TamperedArtifactError
 
 __all__ = ["APP", "DEMO_SIMULATOR"]
@@ -125,10 +125,6 @@ def stream(
     typer.echo(json.dumps(stats))
 
 
-def _page() -> str:
-    return (Path(__file__).parent / "page.html").read_text()
-
-
 APP = AppSpec(
     name="fraud",
     summary="Card-transaction fraud: per-card sequences + velocity features, calibrated scores, streaming alerts.",
@@ -137,5 +133,5 @@ APP = AppSpec(
     create_service=create_service,
     demo=demo,
     stream=stream,
-    page=_page(),
+    page=page_beside(__file__),
 )

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from apps.medical.data import DEV_FILE, MedicalDataError
-from core.apps import AppSpec, user_errors
+from core.apps import AppSpec, page_beside, user_errors
 from core.registry import ModelNotFoundError, TamperedArtifactError, WeightFileError
 
 __all__ = ["APP", "DEMO_RECIPE"]
@@ -130,10 +130,6 @@ def create_service():  # noqa: ANN201 - FastAPI is imported lazily
     return create_app()
 
 
-def _page() -> str:
-    return (Path(__file__).parent / "page.html").read_text()
-
-
 APP = AppSpec(
     name="medical",
     summary="Chest X-rays: a fine-tuned pretrained backbone, calibrated probabilities, Grad-CAM saliency.",
@@ -141,5 +137,5 @@ APP = AppSpec(
     evaluate=evaluate,
     create_service=create_service,
     demo=demo,
-    page=_page(),
+    page=page_beside(__file__),
 )

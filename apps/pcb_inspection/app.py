@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from apps.pcb_inspection.data import DataFormatError
-from core.apps import AppSpec, user_errors
+from core.apps import AppSpec, page_beside, user_errors
 from core.registry import ModelNotFoundError, TamperedArtifactError
 from core.utils.registry import UnknownNameError
 
@@ -99,10 +99,6 @@ def create_service():  # noqa: ANN201 - FastAPI is imported lazily
     return create_app()
 
 
-def _page() -> str:
-    return (Path(__file__).parent / "page.html").read_text()
-
-
 APP = AppSpec(
     name="pcb_inspection",
     summary="PCB defect inspection: template-aware detector on DeepPCB pairs, boxes drawn on upload.",
@@ -110,5 +106,5 @@ APP = AppSpec(
     evaluate=evaluate,
     create_service=create_service,
     demo=demo,
-    page=_page(),
+    page=page_beside(__file__),
 )
