@@ -31,6 +31,7 @@ from torch.utils.data import TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 from core.training import Trainer  # noqa: E402
 from core.training.module import original_name  # noqa: E402
+from tests.core.training.helpers import Kill  # noqa: E402
 
 N, GLOBAL_BATCH, EPOCHS, LR = 128, 16, 6, 1e-2
 WEIGHT_DECAY = 0.1  # large enough that a wrong no-decay group moves the loss curve well past the tolerance
@@ -86,17 +87,6 @@ class GlobalLoss(pl.Callback):
             {"weight_decay": g["weight_decay"], "names": sorted(names[id(p)] for p in g["params"])}
             for g in trainer.optimizers[0].param_groups
         ]
-
-
-class Kill(pl.Callback):
-    """A crash after ``at_step`` optimizer steps, on every rank."""
-
-    def __init__(self, at_step: int) -> None:
-        self.at_step = at_step
-
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        if trainer.global_step == self.at_step:
-            raise RuntimeError("simulated kill")
 
 
 def fit(

@@ -5,28 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import pytest
 import torch
 
 from core.registry import ModelRegistry, fingerprint_arrays
 from core.training import Trainer
-from tests.core.training.helpers import make_dataset, make_net, mse
+from tests.core.training.helpers import Kill, make_dataset, make_net, mse
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
 
 EPOCHS, BATCH = 2, 4  # 40 samples -> 10 batches per epoch, 20 steps
-
-
-class Kill(pl.Callback):
-    """Simulates a crash after ``at_step`` optimizer steps (before that step's checkpoint could be written)."""
-
-    def __init__(self, at_step: int) -> None:
-        self.at_step = at_step
-
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        if trainer.global_step == self.at_step:
-            raise RuntimeError("simulated kill")
 
 
 def _trainer(ckpt_dir: Path, **kwargs: Any) -> Trainer:
