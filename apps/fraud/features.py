@@ -238,10 +238,13 @@ class FraudFeatureBuilder:
         )
 
     def _release_labels(self, *, upto: float) -> None:
-        pending = self._pending
+        pending, ts, terminals, labels = self._pending, [], [], []
         while pending and pending[0][0] <= upto:
-            ts, _, terminal, y = heapq.heappop(pending)
-            self.store.update(self.label_spec, terminal, ts=ts, value=float(y))
+            t, _, terminal, y = heapq.heappop(pending)
+            ts.append(t)
+            terminals.append(terminal)
+            labels.append(float(y))
+        self.store.update_many(self.label_spec, keys=terminals, ts=ts, values=labels)
 
     def _dense(
         self, ts: np.ndarray, amount: np.ndarray, card: WindowBatch, term: WindowBatch, labels: WindowBatch

@@ -1,19 +1,23 @@
-"""In-process feature store: per key, time-sorted lists with prefix sums.
+"""In-process feature store: per key, time-sorted arrays with prefix sums, read and written by compiled loops.
 
-Why this layout: appends (the common, in-order case) are O(1) list appends; every window read is two binary
-searches plus prefix-sum differences, so it costs O(log n) whatever the window holds; eviction only moves a head
-index and compacts the lists once half of them is dead (amortised O(1)). Sums are kept of ``value - shift`` (the
-key's first value) so the variance ``E[x^2] - E[x]^2`` does not cancel catastrophically for large values.
+Why this layout: appends (the common, in-order case) are amortised O(1); every window read is two binary searches
+plus prefix-sum differences, so it costs O(log n) whatever the window holds; eviction only moves a head index and
+compacts a key once half of it is dead (amortised O(1)). The per-event loops run in numba
+(:mod:`core.features.memory_kernels`); Python only maps keys and distinct values to integer ids and finishes the
+columns in numpy, so a batch costs well under a microsecond per event and row.
+
+A batch is checked before anything is stored: a bad event (non-finite time or value, a missing or unexpected
+``distinct``) raises a ValueError naming it, and the store is left as it was.
 """
 
 from __future__ import annotations
 
-import math
-from bisect import bisect_right
 from collections.abc import Sequence
 
+import numba
 import numpy as np
 
+from core.features import memory_kernels as kernels
 from core.features.store import (
     FEATURE_STORE_BACKENDS,
     FeatureStore,
@@ -26,54 +30,69 @@ from core.features.windows import StoreStats, WindowBatch, WindowFeatures, Windo
 
 __all__ = ["MemoryFeatureStore"]
 
-_COMPACT_MIN = 32  # dead entries before compaction is worth a list copy
-
-
-class _KeyState:
-    __slots__ = ("ts", "values", "cum", "cum2", "distinct", "head", "max_ts", "shift")
-
-    def __init__(self, shift: float, *, track_distinct: bool) -> None:
-        self.ts: list[float] = []
-        self.values: list[float] = []
-        self.cum: list[float] = [0.0]  # cum[i] = sum(values[:i] - shift)
-        self.cum2: list[float] = [0.0]  # same for squares
-        self.distinct: list[str] | None = [] if track_distinct else None
-        self.head = 0  # entries before head are evicted
-        self.max_ts = -math.inf
-        self.shift = shift
+_KEY_ARRAY = numba.types.float64[:, ::1]
 
 
 class _SpecState:
-    __slots__ = ("spec", "keys", "accepted", "rejected_late", "empty", "by_length", "retention")
+    """One spec's keys, interned distinct values and per-key arrays (layout in :mod:`core.features.memory_kernels`)."""
 
     def __init__(self, spec: WindowSpec) -> None:
         self.spec = spec
-        self.retention = spec.retention  # a property (a max over the windows); read on every insert
+        self.windows = np.array(spec.windows, dtype=np.float64)
         # Window indices shortest first: nested windows let distinct counts grow one set instead of one per window.
-        self.by_length = sorted(range(len(spec.windows)), key=spec.windows.__getitem__)
-        self.keys: dict[Key, _KeyState] = {}
+        self.by_length = np.array(sorted(range(len(spec.windows)), key=spec.windows.__getitem__), dtype=np.int64)
+        self.retention = spec.retention
+        self.keys: dict[Key, int] = {}
+        self.names: dict[str, int] = {}  # distinct value -> id
+        self.name_array = np.empty(0, dtype=object)  # id -> distinct value
+        self.data = numba.typed.List.empty_list(_KEY_ARRAY)
+        self.ints = np.zeros((0, 2), dtype=np.int64)  # per key: length, head
+        self.floats = np.zeros((0, 2), dtype=np.float64)  # per key: max_ts, shift
+        self.stamp = np.zeros(0, dtype=np.int64)
+        self.mark = np.zeros(1, dtype=np.int64)
         self.accepted = 0
         self.rejected_late = 0
-        zeros = (0.0,) * len(spec.windows)
-        self.empty = WindowFeatures(
-            counts=(0,) * len(spec.windows),
-            sums=zeros,
-            means=zeros,
-            stds=zeros,
-            distinct=(0,) * len(spec.windows) if spec.track_distinct else None,
-            last_ts=(),
-            last_values=(),
-            last_distinct=() if spec.track_distinct else None,
-            time_since_last=math.inf,
-        )
+
+    def ids(self, keys: Sequence[Key]) -> np.ndarray:
+        """Key ids for reading; -1 for keys never inserted."""
+        get = self.keys.get
+        return np.fromiter([get(k, -1) for k in keys], dtype=np.int64, count=len(keys))
+
+    def ids_creating(self, keys: Sequence[Key]) -> np.ndarray:
+        """Key ids for inserting; new keys get the next ids in order of first appearance."""
+        index = self.keys
+        ids = np.fromiter([index.setdefault(k, len(index)) for k in keys], dtype=np.int64, count=len(keys))
+        if len(index) > len(self.ints):
+            grow = max(len(index), 2 * len(self.ints)) - len(self.ints)
+            self.ints = np.concatenate([self.ints, np.zeros((grow, 2), dtype=np.int64)])
+            self.floats = np.concatenate([self.floats, np.zeros((grow, 2), dtype=np.float64)])
+        return ids
+
+    def intern(self, distinct: Sequence[str]) -> np.ndarray:
+        names = self.names
+        ids = np.fromiter([names.setdefault(d, len(names)) for d in distinct], dtype=np.int64, count=len(distinct))
+        if len(names) > len(self.name_array):
+            new = list(names)[len(self.name_array) :]  # ids follow the dict's insertion order
+            self.name_array = np.concatenate([self.name_array, np.array(new, dtype=object)])
+        if len(names) > len(self.stamp):
+            grow = max(len(names), 2 * len(self.stamp)) - len(self.stamp)
+            self.stamp = np.concatenate([self.stamp, np.zeros(grow, dtype=np.int64)])
+        return ids
 
 
 @FEATURE_STORE_BACKENDS.register("memory")
 class MemoryFeatureStore(FeatureStore):
     """Feature store in this process's memory (the default backend); not shared between processes."""
 
+    _warm = False
+
     def __init__(self) -> None:
         self._specs: dict[str, _SpecState] = {}
+        if not MemoryFeatureStore._warm:  # compile (or load from numba's cache) now, not on the first event
+            MemoryFeatureStore._warm = True
+            spec = WindowSpec(name="warm-up", windows=(1.0,), last_n=1, track_distinct=True)
+            self.read_before(spec, keys=["k"], ts=[0.0], values=[0.0], distinct=["d"])
+            self.clear(spec)
 
     def _state(self, spec: WindowSpec) -> _SpecState:
         st = self._specs.get(spec.name)
@@ -85,7 +104,8 @@ class MemoryFeatureStore(FeatureStore):
 
     def update(self, spec: WindowSpec, key: Key, *, ts: float, value: float, distinct: str | None = None) -> bool:
         check_event(spec, ts, value, distinct)
-        return _insert(self._state(spec), key, float(ts), float(value), distinct)
+        many = None if distinct is None else [distinct]
+        return self.update_many(spec, keys=[key], ts=[ts], values=[value], distinct=many) == 1
 
     def update_many(
         self,
@@ -97,28 +117,17 @@ class MemoryFeatureStore(FeatureStore):
         distinct: Sequence[str] | None = None,
     ) -> int:
         check_batch(keys, ts=ts, values=values, distinct=distinct)
-        st = self._state(spec)
-        accepted = 0
-        for i, key in enumerate(keys):
-            d = distinct[i] if distinct is not None else None
-            t, v = float(ts[i]), float(values[i])
-            check_event(spec, t, v, d)
-            accepted += _insert(st, key, t, v, d)
+        _, accepted = self._run(self._state(spec), keys, ts, values, distinct, nows=None)
         return accepted
 
     def read(self, spec: WindowSpec, key: Key, *, now: float) -> WindowFeatures:
-        st = self._state(spec)
-        ks = st.keys.get(key)
-        return st.empty if ks is None else _features(st, ks, float(now))
+        return self.read_many(spec, keys=[key], now=now)[0]
 
     def read_many(self, spec: WindowSpec, *, keys: Sequence[Key], now: float | Sequence[float]) -> list[WindowFeatures]:
-        st = self._state(spec)
-        nows = broadcast_now(now, len(keys))
-        out = []
-        for key, t in zip(keys, nows, strict=True):
-            ks = st.keys.get(key)
-            out.append(st.empty if ks is None else _features(st, ks, float(t)))
-        return out
+        nows = np.asarray(broadcast_now(now, len(keys)), dtype=np.float64)
+        batch, _ = self._run(self._state(spec), keys, nows, None, None, nows=nows)
+        assert batch is not None
+        return [batch.row(i) for i in range(len(batch))]
 
     def read_before(
         self,
@@ -129,67 +138,46 @@ class MemoryFeatureStore(FeatureStore):
         values: Sequence[float] | None = None,
         distinct: Sequence[str] | None = None,
     ) -> WindowBatch:
-        # The columnar fast path: per event only the binary searches and prefix-sum differences run in Python;
-        # means, stds and sums are finished in numpy with the same float operations as _features, so the
-        # numbers are identical to read() + update() event by event (the default this overrides).
+        # One compiled pass: read each row just before its ts, then fold its event in. Means, stds and sums are
+        # finished in numpy (_columns), the same float operations for every read path, so read_before equals
+        # read() + update() event by event bit for bit.
         check_read_before(keys, ts=ts, values=values, distinct=distinct)
-        st = self._state(spec)
-        windows, last_n, track = spec.windows, spec.last_n, spec.track_distinct
-        n_rows, n_win = len(keys), len(spec.windows)
-        counts, totals, totals2 = [0] * (n_rows * n_win), [0.0] * (n_rows * n_win), [0.0] * (n_rows * n_win)
-        distinct_counts = [0] * (n_rows * n_win) if track else None
-        shifts, since, last_lengths = [0.0] * n_rows, [math.inf] * n_rows, [0] * n_rows
-        last_ts: list[float] = []
-        last_values: list[float] = []
-        last_distinct: list[str] | None = [] if track else None
-        states, by_length, nextafter, before_all = st.keys, st.by_length, math.nextafter, -math.inf
-        for i, key in enumerate(keys):
-            t = float(ts[i])
-            ks = states.get(key)
-            if ks is not None:
-                now = nextafter(t, before_all)
-                kts, head = ks.ts, ks.head
-                hi = bisect_right(kts, now, head)
-                if hi > head:
-                    cum, cum2 = ks.cum, ks.cum2
-                    top, top2, base = cum[hi], cum2[hi], i * n_win
-                    los = []
-                    for k, w in enumerate(windows):
-                        lo = bisect_right(kts, now - w, head, hi)
-                        los.append(lo)
-                        counts[base + k] = hi - lo
-                        totals[base + k] = top - cum[lo]
-                        totals2[base + k] = top2 - cum2[lo]
-                    shifts[i] = ks.shift
-                    since[i] = now - kts[hi - 1]
-                    if distinct_counts is not None:
-                        distinct_counts[base : base + n_win] = _distinct_counts(ks.distinct, los, hi, by_length)  # type: ignore[arg-type]
-                    if last_n:
-                        first = max(head, hi - last_n)
-                        last_lengths[i] = hi - first
-                        last_ts += kts[first:hi]
-                        last_values += ks.values[first:hi]
-                        if last_distinct is not None:
-                            last_distinct += ks.distinct[first:hi]  # type: ignore[index]
-            if values is not None:
-                d = distinct[i] if distinct is not None else None
-                v = float(values[i])
-                check_event(spec, t, v, d)
-                _insert(st, key, t, v, d)
-        return _columns(
-            n_rows,
-            n_win,
-            counts,
-            totals,
-            totals2,
-            shifts,
-            distinct_counts,
-            since,
-            last_lengths,
-            last_ts,
-            last_values,
-            last_distinct,
-        )
+        t = np.asarray(ts, dtype=np.float64)
+        batch, _ = self._run(self._state(spec), keys, t, values, distinct, nows=np.nextafter(t, -np.inf))
+        assert batch is not None
+        return batch
+
+    def _run(
+        self,
+        st: _SpecState,
+        keys: Sequence[Key],
+        ts: Sequence[float] | np.ndarray,
+        values: Sequence[float] | None,
+        distinct: Sequence[str] | None,
+        *,
+        nows: np.ndarray | None,
+    ) -> tuple[WindowBatch | None, int]:
+        """Reads at ``nows`` (unless None) and inserts ``values`` (unless None), event by event, in one kernel call."""
+        spec, n = st.spec, len(keys)
+        t = np.asarray(ts, dtype=np.float64)
+        insert = values is not None
+        v = np.asarray(values, dtype=np.float64) if insert else t
+        if insert:
+            _check_events(spec, t, v, distinct)
+        d = st.intern(distinct) if insert and distinct is not None else np.zeros(n, dtype=np.int64)
+        ids = st.ids_creating(keys) if insert else st.ids(keys)
+        out = kernels.read_insert(
+            st.data, st.ints, st.floats, st.stamp, st.mark, ids, t if nows is None else nows, t, v, d,
+            st.windows, st.by_length, spec.last_n, st.retention, spec.allowed_lateness, spec.track_distinct,
+            nows is not None, insert,
+        )  # fmt: skip
+        accepted = int(out[-1])
+        if insert:
+            st.accepted += accepted
+            st.rejected_late += n - accepted
+        if nows is None:
+            return None, accepted
+        return _columns(st, *out[:-1]), accepted
 
     def stats(self, spec: WindowSpec) -> StoreStats:
         st = self._state(spec)
@@ -199,146 +187,49 @@ class MemoryFeatureStore(FeatureStore):
         self._specs.pop(spec.name, None)
 
 
-def _insert(st: _SpecState, key: Key, ts: float, value: float, distinct: str | None) -> bool:
-    ks = st.keys.get(key)
-    if ks is None:
-        ks = st.keys[key] = _KeyState(value, track_distinct=st.spec.track_distinct)
-    if ts >= ks.max_ts:  # in order: the hot path
-        d = value - ks.shift
-        ks.ts.append(ts)
-        ks.values.append(value)
-        ks.cum.append(ks.cum[-1] + d)
-        ks.cum2.append(ks.cum2[-1] + d * d)
-        if ks.distinct is not None:
-            ks.distinct.append(distinct)  # type: ignore[arg-type]  # check_event guarantees a str here
-        ks.max_ts = ts
-        horizon = ts - st.retention
-        if ks.ts[ks.head] <= horizon:
-            _evict(ks, horizon)
-    elif ts >= ks.max_ts - st.spec.allowed_lateness:
-        _insert_late(ks, ts, value, distinct)
-    else:
-        st.rejected_late += 1
-        return False
-    st.accepted += 1
-    return True
-
-
-def _insert_late(ks: _KeyState, ts: float, value: float, distinct: str | None) -> None:
-    # After equal timestamps, so ties keep arrival order; only the (short) suffix of prefix sums moves.
-    i = bisect_right(ks.ts, ts, ks.head)
-    d = value - ks.shift
-    ks.ts.insert(i, ts)
-    ks.values.insert(i, value)
-    if ks.distinct is not None:
-        ks.distinct.insert(i, distinct)  # type: ignore[arg-type]
-    for cum, inc in ((ks.cum, d), (ks.cum2, d * d)):
-        cum.insert(i + 1, cum[i] + inc)
-        for j in range(i + 2, len(cum)):
-            cum[j] += inc
-
-
-def _evict(ks: _KeyState, horizon: float) -> None:
-    ks.head = h = bisect_right(ks.ts, horizon, ks.head)
-    if h < _COMPACT_MIN or 2 * h < len(ks.ts):
-        return
-    del ks.ts[:h], ks.values[:h]
-    if ks.distinct is not None:
-        del ks.distinct[:h]
-    base, base2 = ks.cum[h], ks.cum2[h]
-    ks.cum = [c - base for c in ks.cum[h:]]
-    ks.cum2 = [c - base2 for c in ks.cum2[h:]]
-    ks.head = 0
-
-
-def _features(st: _SpecState, ks: _KeyState, now: float) -> WindowFeatures:
-    spec = st.spec
-    ts, cum, cum2, head, shift = ks.ts, ks.cum, ks.cum2, ks.head, ks.shift
-    hi = bisect_right(ts, now, head)
-    if hi == head:  # nothing retained up to now
-        return st.empty
-    top, top2 = cum[hi], cum2[hi]
-    los, counts, sums, means, stds = [], [], [], [], []
-    for w in spec.windows:
-        lo = bisect_right(ts, now - w, head, hi)
-        los.append(lo)
-        n = hi - lo
-        counts.append(n)
-        if n:
-            total = top - cum[lo]  # of value - shift
-            m = total / n
-            var = (top2 - cum2[lo]) / n - m * m
-            sums.append(total + n * shift)
-            means.append(m + shift)
-            stds.append(math.sqrt(var) if n > 1 and var > 0.0 else 0.0)
-        else:
-            sums.append(0.0)
-            means.append(0.0)
-            stds.append(0.0)
-    first = max(head, hi - spec.last_n)
-    last = spec.last_n > 0
-    distinct = ks.distinct
-    return WindowFeatures(
-        counts=tuple(counts),
-        sums=tuple(sums),
-        means=tuple(means),
-        stds=tuple(stds),
-        distinct=None if distinct is None else _distinct_counts(distinct, los, hi, st.by_length),
-        last_ts=tuple(ts[first:hi]) if last else (),
-        last_values=tuple(ks.values[first:hi]) if last else (),
-        last_distinct=(tuple(distinct[first:hi]) if last else ()) if distinct is not None else None,
-        time_since_last=now - ts[hi - 1],
-    )
+def _check_events(spec: WindowSpec, ts: np.ndarray, values: np.ndarray, distinct: Sequence[str] | None) -> None:
+    """Raise check_event's error for the first bad event of a batch (before any of it is stored)."""
+    bad = ~(np.isfinite(ts) & np.isfinite(values))
+    if bad.any():
+        i = int(np.argmax(bad))
+        check_event(spec, float(ts[i]), float(values[i]), None if distinct is None else distinct[i])
+    if len(ts) and (distinct is None) == spec.track_distinct:
+        check_event(spec, float(ts[0]), float(values[0]), None if distinct is None else distinct[0])
+    if distinct is not None and any(d is None for d in distinct):
+        check_event(spec, 0.0, 0.0, None)  # "tracks distinct values: pass distinct=<str> with every event"
 
 
 def _columns(
-    n_rows: int,
-    n_win: int,
-    counts: list[int],
-    totals: list[float],
-    totals2: list[float],
-    shifts: list[float],
-    distinct_counts: list[int] | None,
-    since: list[float],
-    last_lengths: list[int],
-    last_ts: list[float],
-    last_values: list[float],
-    last_distinct: list[str] | None,
+    st: _SpecState,
+    counts: np.ndarray,
+    totals: np.ndarray,
+    totals2: np.ndarray,
+    distinct: np.ndarray,
+    shifts: np.ndarray,
+    since: np.ndarray,
+    last_lengths: np.ndarray,
+    last_ts: np.ndarray,
+    last_values: np.ndarray,
+    last_dist: np.ndarray,
 ) -> WindowBatch:
-    """Finishes read_before's columns: the per-window arithmetic of _features, vectorised, in the same order."""
-    n = np.array(counts, dtype=np.int64).reshape(n_rows, n_win)
-    nf = n.astype(np.float64)
-    total = np.array(totals, dtype=np.float64).reshape(n_rows, n_win)
-    total2 = np.array(totals2, dtype=np.float64).reshape(n_rows, n_win)
-    shift = np.array(shifts, dtype=np.float64)[:, None]
+    """Finishes the kernel's columns: means, stds and sums from the shifted prefix-sum differences."""
+    nf = counts.astype(np.float64)
+    shift = shifts[:, None]
     with np.errstate(divide="ignore", invalid="ignore"):
-        m = total / nf
-        var = total2 / nf - m * m
-        stds = np.where((n > 1) & (var > 0.0), np.sqrt(np.where(var > 0.0, var, 0.0)), 0.0)
-    has = n > 0
+        m = totals / nf
+        var = totals2 / nf - m * m
+        stds = np.where((counts > 1) & (var > 0.0), np.sqrt(np.where(var > 0.0, var, 0.0)), 0.0)
+    has = counts > 0
+    track = st.spec.track_distinct
     return WindowBatch(
-        counts=n,
-        sums=np.where(has, total + nf * shift, 0.0),
+        counts=counts,
+        sums=np.where(has, totals + nf * shift, 0.0),
         means=np.where(has, m + shift, 0.0),
         stds=stds,
-        distinct=None if distinct_counts is None else np.array(distinct_counts, dtype=np.int64).reshape(n_rows, n_win),
-        time_since_last=np.array(since, dtype=np.float64),
-        last_lengths=np.array(last_lengths, dtype=np.int64),
-        last_ts=np.array(last_ts, dtype=np.float64),
-        last_values=np.array(last_values, dtype=np.float64),
-        last_distinct=last_distinct,
+        distinct=distinct if track else None,
+        time_since_last=since,
+        last_lengths=last_lengths,
+        last_ts=last_ts,
+        last_values=last_values,
+        last_distinct=st.name_array[last_dist].tolist() if track else None,
     )
-
-
-def _distinct_counts(distinct: list[str], los: list[int], hi: int, by_length: list[int]) -> tuple[int, ...]:
-    """Distinct values per window; a longer window starts earlier, so one set grows window by window."""
-    counts = [0] * len(los)
-    seen: set[str] = set()
-    start = hi
-    for k in by_length:
-        lo = los[k]
-        if lo < start:
-            seen.update(distinct[lo:start])
-            start = lo
-        counts[k] = len(seen)
-    return tuple(counts)

@@ -145,9 +145,12 @@ def test_memory_eviction_keeps_the_state_bounded() -> None:
     store = create_store("memory")
     spec = WindowSpec(name="evict", windows=(100.0,), allowed_lateness=0.0)
     store.update_many(spec, keys=["k"] * 10_000, ts=[float(i) for i in range(10_000)], values=[1.0] * 10_000)
-    state = store._specs["evict"].keys["k"]  # white-box: the point is what is no longer held
-    assert len(state.ts) - state.head == 100  # ts in (9899, 9999]
-    assert len(state.ts) <= 2 * 100 + 32
+    state = store._specs["evict"]  # white-box: the point is what is no longer held
+    k = state.keys["k"]
+    length, head = state.ints[k]
+    assert length - head == 100  # ts in (9899, 9999]
+    assert length <= 2 * 100 + 32
+    assert state.data[k].shape[1] <= 2 * (2 * 100 + 32) + 1  # capacity: at most double the bound, + the CUM slot
     feats = store.read(spec, "k", now=9999.0)
     assert feats.counts == (100,) and feats.sums == (100.0,) and feats.means == (1.0,)
 
