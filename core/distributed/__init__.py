@@ -8,7 +8,6 @@ from core.distributed.strategy import (
     CommBytesLogger,
     build_strategy,
     check_distributed,
-    fsdp_precision_plugin,
 )
 from core.distributed.wire import CommState
 
@@ -24,7 +23,6 @@ __all__ = [
     "build_strategy",
     "check_distributed",
     "checkpoint_blocks",
-    "fsdp_precision_plugin",
     "int8_hook",
     "resolve_checkpoint_classes",
 ]

@@ -13,7 +13,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.plugins.precision import FSDPPrecision
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, Strategy
 from torch import nn
 from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
@@ -22,7 +21,7 @@ from core.distributed.activation_checkpointing import block_classes
 from core.distributed.hooks import COMPRESSIONS, CommHook, build_comm_hook
 from core.distributed.wire import CommState
 
-__all__ = ["STRATEGIES", "check_distributed", "build_strategy", "fsdp_precision_plugin", "CommBytesLogger"]
+__all__ = ["STRATEGIES", "check_distributed", "build_strategy", "CommBytesLogger"]
 
 log = logging.getLogger(__name__)
 
@@ -139,15 +138,6 @@ class KeelFSDPStrategy(FSDPStrategy):
             device_id=torch.device("cpu"),
             **self.kwargs,
         )
-
-
-def fsdp_precision_plugin(precision: str) -> FSDPPrecision:
-    """FSDP needs Lightning's own precision plugin (``16-mixed`` then uses torch's ShardedGradScaler).
-
-    Keel's loss-scaling options and skipped-step logging apply to DDP and single-device runs.
-    """
-    log.info("FSDP: precision %s through Lightning's FSDPPrecision", precision)
-    return FSDPPrecision(precision)  # type: ignore[arg-type]
 
 
 def build_strategy(

@@ -8,20 +8,27 @@ device, and record whether the last optimizer step was skipped, so the scheduler
 ``loss_scaling``: ``"dynamic"`` (grow x2 every 2000 clean steps, halve and skip on inf/NaN), a
 float (static scale; inf/NaN steps are still skipped), or ``None`` (no scaler, no skipping). With
 fp32/bf16 the scaler's job is the inf/NaN guard: scaling by a power of two is exact there.
+
+Under FSDP the same mixin sits in front of Lightning's ``FSDPPrecision`` with torch's
+``ShardedGradScaler``: each rank checks only its own gradient shard, and the scaler all-reduces the
+inf flag, so every rank skips the same steps and the schedule stays put on all of them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision
+from lightning.pytorch.plugins.precision import FSDPPrecision, HalfPrecision, MixedPrecision
 from lightning.pytorch.plugins.precision import Precision as PLPrecision
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from torch.optim import Optimizer
 
-__all__ = ["LossScaling", "build_precision_plugin", "check_loss_scaling"]
+__all__ = ["KeelFSDPPrecision", "LossScaling", "build_precision_plugin", "check_loss_scaling"]
 
 LossScaling = str | float | None
 
@@ -44,6 +51,8 @@ class _KeelLossScaling:
     ``skipped_steps``, ``loss_scale``): at logging steps, in checkpoints, at the end of the run.
     """
 
+    # The scaler class: one process's GradScaler, or FSDP's ShardedGradScaler (all-reduces the inf flag).
+    scaler_class: ClassVar[type[torch.amp.GradScaler]] = torch.amp.GradScaler
     keel_scaler: torch.amp.GradScaler | None
     static_scale: float | None
     found_inf: torch.Tensor | None
@@ -54,7 +63,7 @@ class _KeelLossScaling:
         self.keel_scaler = None
         if loss_scaling is not None:
             init = self.static_scale if self.static_scale is not None else 2.0**16
-            self.keel_scaler = torch.amp.GradScaler(device_type, init_scale=init)
+            self.keel_scaler = self.scaler_class(device_type, init_scale=init)
         self.found_inf = None
         self._skipped = 0
 
@@ -143,13 +152,63 @@ class KeelHalfPrecision(_KeelLossScaling, HalfPrecision):  # type: ignore[misc] 
         self._init_scaling(loss_scaling, device_type)
 
 
-def build_precision_plugin(precision: str, *, device_type: str, loss_scaling: LossScaling) -> PLPrecision:
-    """The Lightning precision plugin for a resolved precision name and a ``loss_scaling`` choice."""
+class _ShardedGradScaler(ShardedGradScaler):
+    """torch's ShardedGradScaler with GradScaler's 0-d inf flags.
+
+    ShardedGradScaler keeps its per-device inf flags as shape-(1,) tensors (summed over ranks); GradScaler
+    hands them to a fused optimizer, whose kernel subtracts the flag from its 0-d step counts in place and
+    fails on the shape (torch 2.14). Reshaped to 0-d views after the all-reduce, they work everywhere.
+    """
+
+    def unscale_(self, optimizer: Optimizer) -> None:
+        super().unscale_(optimizer)
+        if self._enabled:
+            flags = self._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
+            for device, flag in flags.items():
+                flags[device] = flag.reshape(())
+
+
+class KeelFSDPPrecision(_KeelLossScaling, FSDPPrecision):  # type: ignore[misc]  # Lightning's own overrides differ the same way
+    """Lightning's FSDP precision (FSDP's parameter / reduce dtypes) with Keel's sharded scaler; autocast on any device.
+
+    FSDP casts the parameters to the compute dtype itself (``mixed_precision_config``, Lightning's) and
+    reduce-scatters the gradients in it; each rank then holds, and checks for inf/NaN, only its shard.
+    """
+
+    scaler_class = _ShardedGradScaler
+
+    def __init__(self, precision: str, device_type: str, loss_scaling: LossScaling) -> None:
+        with warnings.catch_warnings():
+            # For 16-mixed Lightning builds a CUDA ShardedGradScaler, which warns on a machine without CUDA;
+            # it is dropped on the next line: Keel's scaler (on the training device) must be the only one.
+            warnings.filterwarnings("ignore", message=r".*CUDA is not available.*", category=UserWarning)
+            super().__init__(precision)  # type: ignore[arg-type]
+        self.scaler = None
+        self.device_type = device_type
+        self._init_scaling(loss_scaling, device_type)
+
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        """Autocast on the training device (Lightning's FSDPPrecision always asks for CUDA autocast)."""
+        if "mixed" in self.precision:
+            dtype = torch.bfloat16 if self.precision == "bf16-mixed" else torch.float16
+            return torch.autocast(self.device_type, dtype=dtype)
+        return super().forward_context()
+
+
+def build_precision_plugin(
+    precision: str, *, device_type: str, loss_scaling: LossScaling, fsdp: bool = False
+) -> PLPrecision:
+    """The Lightning precision plugin for a resolved precision name and a ``loss_scaling`` choice.
+
+    ``fsdp``: the plugin for Lightning's FSDP strategy, which takes only ``FSDPPrecision`` subclasses.
+    """
     loss_scaling = check_loss_scaling(loss_scaling)
+    if precision not in ("32-true", "bf16-mixed", "16-mixed", "bf16-true"):
+        raise ValueError(f"no precision plugin for {precision!r}; expected 32-true, bf16-mixed, 16-mixed or bf16-true")
+    if fsdp:
+        return KeelFSDPPrecision(precision, device_type, loss_scaling)
     if precision == "32-true":
         return KeelPrecision32(loss_scaling, device_type)
-    if precision in ("bf16-mixed", "16-mixed"):
-        return KeelMixedPrecision(precision, device_type, loss_scaling)
     if precision == "bf16-true":
         return KeelHalfPrecision(precision, device_type, loss_scaling)
-    raise ValueError(f"no precision plugin for {precision!r}; expected 32-true, bf16-mixed, 16-mixed or bf16-true")
+    return KeelMixedPrecision(precision, device_type, loss_scaling)

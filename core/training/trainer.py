@@ -33,7 +33,6 @@ from core.distributed import (
     build_strategy,
     check_distributed,
     checkpoint_blocks,
-    fsdp_precision_plugin,
     resolve_checkpoint_classes,
 )
 from core.distributed.activation_checkpointing import ActivationCheckpointing
@@ -299,9 +298,9 @@ class Trainer:
     def _lightning_trainer(self, cfg: TrainConfig, state: KeelState) -> tuple[pl.Trainer, StepCheckpoint | None]:
         root = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else keel_home() / "runs"
         device_type = detect_device(cfg.accelerator).type
-        plugin = build_precision_plugin(self.precision.name, device_type=device_type, loss_scaling=cfg.loss_scaling)
-        if cfg.strategy == "fsdp":
-            plugin = fsdp_precision_plugin(self.precision.name)
+        plugin = build_precision_plugin(
+            self.precision.name, device_type=device_type, loss_scaling=cfg.loss_scaling, fsdp=cfg.strategy == "fsdp"
+        )
         ckpt = StepCheckpoint(root, cfg.checkpoint_every_n_steps) if cfg.checkpoint_dir else None
         callbacks: list[pl.Callback] = [state, SkipAwareSchedulers(), LogLossScale(), *self.callbacks]
         if ckpt is not None:
