@@ -24,6 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, write_json  # noqa: E402
 
+from core.utils.openmp import short_spin_waits  # noqa: E402
+
 
 def produce(bus, topic: str, rows: list[dict]) -> float:  # noqa: ANN001
     t0 = time.perf_counter()
@@ -56,7 +58,7 @@ def run_once(backend: str, rows: list[dict], *, registry, bootstrap: str | None)
         "transactions": stats["processed"],
         "alerts": stats["alerts"],
         "publish_per_s": round(publish_rate),
-        "pipeline_per_s": stats["events_per_s"],
+        "pipeline_per_s": round(stats["events_per_s"]),
     }
 
 
@@ -67,6 +69,7 @@ def main() -> None:
     ap.add_argument("--customers", type=int, default=1000, help="simulated cards (about 100 tx each)")
     ap.add_argument("--days", type=int, default=60)
     args = ap.parse_args()
+    short_spin_waits()  # what `keel stream` does; before torch and numba load (see core.utils.openmp)
     tmp = Path(tempfile.mkdtemp(prefix="keel-bench-"))
     home = args.keel_home or tmp / "home"
     if args.keel_home is None:

@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from core.apps import AppSpec, load_apps
+from core.utils.openmp import short_spin_waits
 
 __all__ = ["app", "build_cli", "main"]
 
@@ -129,6 +130,7 @@ def _pages(specs: list[AppSpec]) -> dict[str, str]:
 
 
 def main() -> None:
+    short_spin_waits()  # before any app imports torch or numba
     build_cli()()
 
 
