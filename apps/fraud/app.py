@@ -14,6 +14,7 @@ import typer
 
 from apps.fraud.data import DataFormatError
 from core.apps import AppSpec, page_beside, user_errors
+from core.config import keel_home
 from core.registry import ModelNotFoundError, TamperedArtifactError
 
 __all__ = ["APP", "DEMO_SIMULATOR"]
@@ -107,10 +108,18 @@ def stream(
     max_events: Annotated[int | None, typer.Option(help="Stop after this many events.")] = None,
     idle_timeout: Annotated[float | None, typer.Option(help="Stop after this many idle seconds.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Most events scored per batch (and per commit).")] = 2000,
+    snapshots: Annotated[
+        bool, typer.Option(help="Save the feature state now and then, so a restart replays only what came after.")
+    ] = True,
+    state_file: Annotated[
+        Path | None, typer.Option(help="Snapshot file [default: KEEL_HOME/streams/fraud-<group>.npz].")
+    ] = None,
+    snapshot_every: Annotated[float, typer.Option(min=0.001, help="Seconds between snapshots.")] = 60.0,
 ) -> None:
     """Consume transactions, score them, publish alerts and update the card features."""
     from apps.fraud.stream import run_stream
 
+    state_path = (state_file or keel_home() / "streams" / f"fraud-{group}.npz") if snapshots else None
     stats = run_stream(
         bus=bus,
         bootstrap=bootstrap,
@@ -121,6 +130,8 @@ def stream(
         max_events=max_events,
         idle_timeout_s=idle_timeout,
         max_poll_records=batch_size,
+        state_path=state_path,
+        snapshot_every_s=snapshot_every,
     )
     typer.echo(json.dumps(stats))
 

@@ -40,13 +40,14 @@ which is exactly what the online path would have seen.
 from __future__ import annotations
 
 import heapq
+import json
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from core.features import FeatureStore, WindowBatch, WindowSpec, create_store
+from core.features import FeatureStore, MemoryFeatureStore, WindowBatch, WindowSpec, create_store
 
 __all__ = ["FEATURE_NAMES", "SEQ_FEATURES", "FraudFeatureBuilder", "Transaction"]
 
@@ -236,6 +237,44 @@ class FraudFeatureBuilder:
         return self.store.update_many(
             self.label_spec, keys=[r[1] for r in rows], ts=[r[0] for r in rows], values=[r[2] for r in rows]
         )
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The builder's whole state (feature store + labels not yet released) as numpy arrays, no pickles.
+
+        Raises:
+            TypeError: the store is not a :class:`core.features.MemoryFeatureStore` (a redis store keeps its
+                state in redis, which is its own durable copy).
+        """
+        if not isinstance(self.store, MemoryFeatureStore):
+            raise TypeError(f"only a memory feature store is saved with the builder, not {type(self.store).__name__}")
+        pending = sorted(self._pending)
+        meta = {"config": self._config(), "pending_seq": self._pending_seq, "terminals": [p[2] for p in pending]}
+        return {
+            **{f"store.{k}": v for k, v in self.store.state_dict().items()},
+            "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+            "pending.ts": np.array([p[0] for p in pending], dtype=np.float64),
+            "pending.seq": np.array([p[1] for p in pending], dtype=np.int64),
+            "pending.label": np.array([p[3] for p in pending], dtype=np.int64),
+        }
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        """Continues from a :meth:`state_dict` of a builder with the same settings (else a ValueError)."""
+        meta = json.loads(bytes(np.asarray(state["meta"], dtype=np.uint8)))
+        if meta["config"] != self._config():
+            raise ValueError(f"builder state was saved with {meta['config']}, this builder has {self._config()}")
+        if not isinstance(self.store, MemoryFeatureStore):
+            raise TypeError(f"builder state loads into a memory feature store, not {type(self.store).__name__}")
+        self.store.load_state_dict({k[len("store.") :]: v for k, v in state.items() if k.startswith("store.")})
+        ts, seq, labels = (state[f"pending.{k}"].tolist() for k in ("ts", "seq", "label"))
+        self._pending = list(zip(ts, seq, meta["terminals"], labels, strict=True))  # sorted: a valid heap
+        self._pending_seq = int(meta["pending_seq"])
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "history": self.history,
+            "label_delay_s": self.label_delay_s,
+            "allowed_lateness_s": self.card_spec.allowed_lateness,
+        }
 
     def _release_labels(self, *, upto: float) -> None:
         pending, ts, terminals, labels = self._pending, [], [], []

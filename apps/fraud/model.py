@@ -28,6 +28,7 @@ from core.utils.registry import Registry
 Featurizer = Callable[[Sequence[dict[str, Any]]], tuple[np.ndarray, np.ndarray | None, np.ndarray | None]]
 
 __all__ = [
+    "CardFeaturizer",
     "FraudNetConfig",
     "FraudNet",
     "FraudPredictor",
@@ -239,20 +240,23 @@ def _ulb_featurizer(history: int) -> Featurizer:
     return lambda items: (ulb_dense_features(list(items)), None, None)
 
 
-@SCHEMAS.register("card")
-def _card_featurizer(history: int) -> Featurizer:
-    """Simulator-style transactions through the stateful per-card feature builder."""
-    from apps.fraud.features import FraudFeatureBuilder
+class CardFeaturizer:
+    """Simulator-style transactions through the stateful per-card feature builder (``self.builder``)."""
 
-    builder = FraudFeatureBuilder(history=history)
+    def __init__(self, history: int) -> None:
+        from apps.fraud.features import FraudFeatureBuilder
 
-    def featurize(items: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-        dense, seq, lengths = builder.transform(list(items))
-        if history == 0:
+        self.history = history
+        self.builder = FraudFeatureBuilder(history=history)
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        dense, seq, lengths = self.builder.transform(list(items))
+        if self.history == 0:
             return np.asarray(dense, dtype=np.float32), None, None
         return np.asarray(dense, dtype=np.float32), np.asarray(seq, dtype=np.float32), np.asarray(lengths)
 
-    return featurize
+
+SCHEMAS.register("card")(CardFeaturizer)
 
 
 def load_predictor(version: Any, state: dict[str, Any]) -> FraudPredictor:

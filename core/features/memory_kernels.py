@@ -20,7 +20,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["COMPACT_MIN", "new_key_array", "read_insert"]
+__all__ = ["COMPACT_MIN", "new_key_array", "pack", "read_insert", "unpack"]
 
 TS, VAL, CUM, CUM2, DIST = 0, 1, 2, 3, 4
 COMPACT_MIN = 32  # dead entries before compaction is worth a copy
@@ -212,3 +212,30 @@ def _evict(a: np.ndarray, ints: np.ndarray, k: int, horizon: float, length: int,
         a[CUM, j] = a[CUM, h + j] - base
         a[CUM2, j] = a[CUM2, h + j] - base2
     ints[k, 0], ints[k, 1] = live, 0
+
+
+@numba.njit(cache=True)
+def pack(data, ints: np.ndarray) -> np.ndarray:  # noqa: ANN001
+    """Every key's used columns ``[0, length]`` side by side: ``(5, sum(length + 1))``, in key-id order."""
+    total = 0
+    for k in range(len(data)):
+        total += ints[k, 0] + 1
+    out = np.empty((5, total), dtype=np.float64)
+    at = 0
+    for k in range(len(data)):
+        used = ints[k, 0] + 1
+        out[:, at : at + used] = data[k][:, :used]
+        at += used
+    return out
+
+
+@numba.njit(cache=True)
+def unpack(packed: np.ndarray, ints: np.ndarray, data) -> None:  # noqa: ANN001
+    """Appends to ``data`` one array per key from :func:`pack`'s layout (capacity: at least the first one's)."""
+    at = 0
+    for k in range(ints.shape[0]):
+        used = ints[k, 0] + 1
+        a = new_key_array(max(_FIRST_CAPACITY, 2 * (used - 1)))
+        a[:, :used] = packed[:, at : at + used]
+        data.append(a)
+        at += used

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -93,8 +94,16 @@ def test_stream_scores_everything_and_dead_letters_bad_events(card_model: Path, 
     assert sorted(_alert_ids(bus, "alerts")) == sorted(_reference_alerts(card_model, transactions[:300]))
 
 
-def test_crash_before_commit_neither_loses_nor_repeats_alerts(card_model: Path, transactions: list[dict]) -> None:
-    """A processor dying after it alerted a batch but before committing it (the worst moment), then a restart."""
+@pytest.mark.parametrize("snapshots", [False, True])
+def test_crash_before_commit_neither_loses_nor_repeats_alerts(
+    card_model: Path, transactions: list[dict], tmp_path: Path, snapshots: bool
+) -> None:
+    """A processor dying after it alerted a batch but before committing it (the worst moment), then a restart.
+
+    Without snapshots the restart replays the two committed batches into the feature state; with a snapshot taken
+    before every batch (the third one's: at offset 160, all committed) it replays nothing.
+    """
+    state = {"state_path": tmp_path / "state.npz", "snapshot_every_s": 1e-6} if snapshots else {}
     bus = create_bus("memory")
     _publish(bus, "tx", transactions)
     reference = _reference_alerts(card_model, transactions)
@@ -129,26 +138,59 @@ def test_crash_before_commit_neither_loses_nor_repeats_alerts(card_model: Path, 
                 idle_timeout_s=0.5,
                 bus_options=None,
                 max_poll_records=BATCH,
+                **state,
             )
     finally:
         memory_backend._MemoryConsumer.commit = original  # type: ignore[method-assign]
     before = _alert_ids(bus, "alerts")
     stats = run_stream(
-        bus=bus, topic="tx", alerts_topic="alerts", group_id="g", registry=_registry(card_model), idle_timeout_s=0.5
+        bus=bus,
+        topic="tx",
+        alerts_topic="alerts",
+        group_id="g",
+        registry=_registry(card_model),
+        idle_timeout_s=0.5,
+        **state,
     )
     alerts = _alert_ids(bus, "alerts")
-    assert before and stats["replayed"] == 2 * BATCH  # two committed batches were replayed into the feature state
+    assert before and stats["replayed"] == (0 if snapshots else 2 * BATCH)
     assert len(alerts) == len(set(alerts)), "an alert was published twice"
     assert set(alerts) == reference
     assert bus.committed("tx", group_id="g") == bus.end_offsets("tx")
 
 
+def test_a_clean_stop_snapshots_and_a_snapshot_that_does_not_fit_is_ignored(
+    card_model: Path, transactions: list[dict], tmp_path: Path
+) -> None:
+    bus = create_bus("memory")
+    _publish(bus, "tx", transactions)
+    run = dict(bus=bus, topic="tx", registry=_registry(card_model), idle_timeout_s=0.5)
+    snap = tmp_path / "g.npz"
+    first = run_stream(
+        **run, alerts_topic="alerts", group_id="g", state_path=snap, max_events=2 * BATCH, max_poll_records=BATCH
+    )
+    assert first["snapshots"] == 1 and snap.exists()  # the clean stop's
+    rest = run_stream(**run, alerts_topic="alerts", group_id="g", state_path=snap)
+    assert rest["replayed"] == 0 and first["processed"] + rest["processed"] == len(transactions)
+    alerts = _alert_ids(bus, "alerts")
+    assert len(alerts) == len(set(alerts)) and set(alerts) == _reference_alerts(card_model, transactions)
+    # Group h has committed 80 events; g's snapshot (at the topic's end) is for another group: replay h's 80.
+    run_stream(**run, group_id="h", alerts_topic="alerts-h", max_events=BATCH, max_poll_records=BATCH)
+    again = run_stream(**run, group_id="h", alerts_topic="alerts-h", state_path=snap, max_events=1)
+    assert again["replayed"] == BATCH
+
+
 @pytest.mark.kafka
 def test_sigkilled_kafka_processor_resumes_exactly(
-    card_model: Path, transactions: list[dict], kafka_bootstrap: str
+    card_model: Path, transactions: list[dict], kafka_bootstrap: str, tmp_path: Path
 ) -> None:
-    """``kill -9`` of a real processor process right before a commit, then ``keel stream fraud`` again."""
+    """``kill -9`` of a real processor process right before a commit, then ``keel stream fraud`` again.
+
+    The killed processor snapshots its state before every batch, so the restart loads the one taken before the
+    third batch (offset 160, committed) and replays nothing.
+    """
     topic, alerts_topic, group = unique_name("tx"), unique_name("alerts"), unique_name("scorer")
+    state = tmp_path / "state.npz"
     bus = create_bus("kafka", bootstrap_servers=kafka_bootstrap, **KAFKA_TEST_OPTIONS)
     bus.create_topics([topic, alerts_topic])
     _publish(bus, topic, transactions)
@@ -164,7 +206,8 @@ def test_sigkilled_kafka_processor_resumes_exactly(
         kafka_backend._KafkaGroupConsumer.commit = commit
         from apps.fraud.stream import run_stream
         run_stream(bus="kafka", bootstrap={kafka_bootstrap!r}, topic={topic!r}, alerts_topic={alerts_topic!r},
-                   group_id={group!r}, idle_timeout_s=5, max_poll_records={BATCH}, bus_options={KAFKA_TEST_OPTIONS!r})
+                   group_id={group!r}, idle_timeout_s=5, max_poll_records={BATCH}, bus_options={KAFKA_TEST_OPTIONS!r},
+                   state_path={str(state)!r}, snapshot_every_s=1e-6)
     """)
     env = {**os.environ, "KEEL_HOME": str(card_model)}
     killed = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=120)
@@ -179,10 +222,13 @@ def test_sigkilled_kafka_processor_resumes_exactly(
         str(BATCH),
         "--max-events",
         str(len(transactions) - 2 * BATCH),
+        "--state-file",
+        str(state),
     ]
     cli += ["--idle-timeout", "40"]  # the dead member's session must expire before the partition is reassigned
     restarted = subprocess.run([sys.executable, "-m", "core.cli", *cli], env=env, capture_output=True, timeout=120)
     assert restarted.returncode == 0, restarted.stderr.decode()[-2000:]
+    assert json.loads(restarted.stdout.decode().splitlines()[-1])["replayed"] == 0
     alerts = _alert_ids(bus, alerts_topic)
     assert len(alerts) == len(set(alerts)), "an alert was published twice"
     reference = _reference_alerts(card_model, transactions)

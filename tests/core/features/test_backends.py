@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -169,3 +170,35 @@ def test_redis_eviction_keeps_the_sorted_set_bounded(redis_url: str) -> None:
     finally:
         store.clear(spec)
         store.close()
+
+
+def test_memory_state_dict_round_trip_continues_bit_for_bit(tmp_path: Path) -> None:
+    events = _random_events(seed=5, n=500)  # late events, rejections and evictions included
+    keys, ts, values, distinct = (list(col) for col in zip(*events, strict=True))
+    keys[::7] = [7] * len(keys[::7])  # an int key too: it must come back as an int, not as "7"
+    live = create_store("memory")
+    live.read_before(SPEC, keys=keys[:300], ts=ts[:300], values=values[:300], distinct=distinct[:300])
+    live.update_many(UNSORTED, keys=keys[:300], ts=ts[:300], values=values[:300], distinct=distinct[:300])
+    np.savez(tmp_path / "state.npz", **live.state_dict())
+    restored = create_store("memory")
+    with np.load(tmp_path / "state.npz", allow_pickle=False) as state:
+        restored.load_state_dict(state)
+    for spec in (SPEC, UNSORTED):
+        assert restored.stats(spec) == live.stats(spec)
+        a, b = (
+            s.read_before(spec, keys=keys[300:], ts=ts[300:], values=values[300:], distinct=distinct[300:])
+            for s in (live, restored)
+        )
+        for name in ("counts", "sums", "means", "stds", "distinct", "time_since_last", "last_lengths", "last_ts"):
+            assert np.array_equal(getattr(a, name), getattr(b, name)), name
+        assert a.last_distinct == b.last_distinct and np.array_equal(a.last_values, b.last_values)
+        assert restored.stats(spec) == live.stats(spec)
+    assert restored.read(SPEC, 7, now=max(ts)) == live.read(SPEC, 7, now=max(ts))
+    assert restored.read(SPEC, "7", now=max(ts)).counts == (0, 0, 0)
+
+
+def test_memory_state_dict_refuses_an_unknown_version() -> None:
+    state = create_store("memory").state_dict()
+    state["meta"] = np.frombuffer(b'{"version": 9, "specs": []}', dtype=np.uint8)
+    with pytest.raises(ValueError, match="version 9"):
+        create_store("memory").load_state_dict(state)
