@@ -112,7 +112,7 @@ def stream(
         bool, typer.Option(help="Save the feature state now and then, so a restart replays only what came after.")
     ] = True,
     state_file: Annotated[
-        Path | None, typer.Option(help="Snapshot file [default: KEEL_HOME/streams/fraud-<group>.npz].")
+        Path | None, typer.Option(help="Snapshot file (default: KEEL_HOME/streams/fraud-GROUP.npz).")
     ] = None,
     snapshot_every: Annotated[float, typer.Option(min=0.001, help="Seconds between snapshots.")] = 60.0,
 ) -> None:
