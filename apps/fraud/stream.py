@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import time
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,10 +240,14 @@ def _load_snapshot(
     path = processor.state_path
     if path is None or not path.exists():
         return None
-    with np.load(path, allow_pickle=False) as npz:
-        arrays = dict(npz)
-    meta = json.loads(bytes(arrays.pop("stream")))
-    offsets = {int(p): o for p, o in meta["offsets"].items()}
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = dict(npz)
+        meta = json.loads(bytes(arrays.pop("stream")))
+        offsets = {int(p): o for p, o in meta["offsets"].items()}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:  # writes are atomic; this is a damaged disk
+        log.warning("%s is not a readable snapshot (%s): ignored", path, exc)
+        return None
     if (meta["topic"], meta["group_id"]) != (topic, group_id):
         log.warning(
             "%s is a snapshot of %s / %s, not %s / %s: ignored", path, meta["topic"], meta["group_id"], topic, group_id

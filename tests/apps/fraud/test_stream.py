@@ -178,6 +178,11 @@ def test_a_clean_stop_snapshots_and_a_snapshot_that_does_not_fit_is_ignored(
     run_stream(**run, group_id="h", alerts_topic="alerts-h", max_events=BATCH, max_poll_records=BATCH)
     again = run_stream(**run, group_id="h", alerts_topic="alerts-h", state_path=snap, max_events=1)
     assert again["replayed"] == BATCH
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"not a zip file")
+    committed = bus.committed("tx", group_id="h")[0]
+    damaged = run_stream(**run, group_id="h", alerts_topic="alerts-h", state_path=garbage, max_events=1)
+    assert damaged["replayed"] == committed > BATCH  # unreadable: ignored, everything committed is replayed
 
 
 @pytest.mark.kafka
