@@ -13,6 +13,10 @@ ResNet-50 when a weight file is given.
     keel bench medical_quality --merge medical_quality_cpu64      # append those rows to medical_quality.json
     keel bench medical_quality --robustness --members 3 --tta 4 --extra REGISTRY:medical@1 \
         --out medical_quality_robustness       # prior shift / TTA / ensemble table (see robustness())
+    keel bench medical_quality --profile cpu64e10 --fractions 1.0 --only lite0 --init pretrained \
+        --work W --out medical_quality_cpu64e10                    # the longer Lite0 fine-tune (issue #5)
+    keel bench medical_quality --out medical_quality_cpu64e10 --work W --tta 4 \
+        --assemble "lite0 pretrained;lite0 pretrained+resnet18"    # TTA and Lite0 + ResNet-18 ensemble rows
 
 Columns: AUC / accuracy (the model's decision: for ``--decision-prior``, else the prevalence the model was
 registered with, by default its training prevalence) / balanced accuracy / ECE (calibrated) on val; the
@@ -32,12 +36,26 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, write_json  # noqa: E402
+from _medical_results import compare, find_run, merge  # noqa: E402
 
 PROFILES: dict[str, dict[str, Any]] = {
     # 2 shared CPU cores: 32 px keeps a full-data Lite0 fine-tune to a few minutes.
     "cpu": {"input_size": 32, "finetune_epochs": 2, "members": 1, "batch_size": 64},
     # The same on 64 px (4x the compute): the full-label rows only, in about 30 minutes on a busy 2-core box.
     "cpu64": {"input_size": 64, "finetune_epochs": 3, "members": 1, "batch_size": 64},
+    # Longer fine-tuning (issue #5: the pretrained Lite0 against the ResNet-18 baseline): 1 frozen + up to 10
+    # fine-tuning epochs, early stopping on the held-out AUC with the GPU profile's patience (3 epochs).
+    "cpu64e10": {"input_size": 64, "finetune_epochs": 10, "members": 1, "batch_size": 64, "patience": 3},
+    "cpu96e10": {"input_size": 96, "finetune_epochs": 10, "members": 1, "batch_size": 64, "patience": 3},
+    "cpu128e10": {"input_size": 128, "finetune_epochs": 10, "members": 1, "batch_size": 64, "patience": 3},
+    "cpu64e10mix": {
+        "input_size": 64,
+        "finetune_epochs": 10,
+        "members": 1,
+        "batch_size": 64,
+        "patience": 3,
+        "mixup": 0.2,
+    },
     "gpu": {"input_size": 128, "finetune_epochs": 12, "members": 3, "batch_size": 128, "patience": 3},
 }
 
@@ -45,15 +63,18 @@ PROFILES: dict[str, dict[str, Any]] = {
 def runs(profile: str, fractions: list[float], resnet50: Path | None) -> list[tuple[str, str, dict[str, Any]]]:
     """(row name, group, MedicalTrainConfig overrides) for every run of the table."""
     base = PROFILES[profile]
-    plain = {"backbone": "torchvision:resnet18", "pretrained": False, "input_size": 28, "augment": False}
+    plain = {"backbone": "torchvision:resnet18", "pretrained": False, "input_size": 28, "augment": False, "mixup": 0.0}
+    epochs = base["finetune_epochs"]
+    baseline = "resnet18 scratch 28px (baseline)" if epochs == 2 else f"resnet18 scratch 28px, up to {epochs} epochs"
+    mix = f", mixup {base['mixup']}" if base.get("mixup") else ""
     out = []
     for frac in fractions:  # cheapest first: the small label fractions, then the baseline, then all labels
         if frac == 1.0:
-            out.append(("resnet18 scratch 28px (baseline)", "baseline", {**base, **plain}))
-        out.append(("lite0 pretrained", "lite0", {**base, "label_fraction": frac}))
-        out.append(("lite0 random init", "lite0", {**base, "label_fraction": frac, "pretrained": False}))
+            out.append((baseline, "baseline", {**base, **plain}))
+        out.append((f"lite0 pretrained{mix}", "lite0", {**base, "label_fraction": frac}))
+        out.append((f"lite0 random init{mix}", "lite0", {**base, "label_fraction": frac, "pretrained": False}))
     if 1.0 not in fractions:
-        out.append(("resnet18 scratch 28px (baseline)", "baseline", {**base, **plain}))
+        out.append((baseline, "baseline", {**base, **plain}))
     if resnet50 is not None:
         out.append(("resnet50 pretrained", "resnet50", {**base, "backbone": "resnet50-imagenet"}))
     return out
@@ -128,18 +149,39 @@ def reevaluate(out: str, data: Path, work: Path, *, decision_prior: float | None
     print_table(f"PneumoniaMNIST dev val split ({payload['profile']} profile)", rows)
 
 
-def merge(out: str, parts: list[str]) -> None:
-    """Appends the rows and runs of other results files (e.g. ``--profile cpu64`` runs) to ``out``."""
+def assemble_rows(out: str, data: Path, work: Path, *, specs: list[str], tta: int) -> None:
+    """Adds rows for ensembles of ``out``'s models (registry under ``work``), without retraining any of them.
+
+    Each spec names runs joined by ``+`` (``"lite0 pretrained+resnet18"``); its ensemble
+    (:func:`apps.medical.ensemble.assemble`: members calibrated alone on their shared held-out images, then
+    averaged and calibrated again) is scored without and with ``tta`` augmented views. A one-run spec gives its
+    model recalibrated for ``tta`` views. "train s" is the sum of the members' training times.
+    """
     import json
 
     from _common import RESULTS_DIR
 
+    from apps.medical.ensemble import assemble
+    from core.registry import ModelRegistry
+
     payload = json.loads((RESULTS_DIR / f"{out}.json").read_text())
+    registry = ModelRegistry(work / "registry")
+    shifted = shifted_val(data, work / "val_shifted.npz")
+    for spec in specs:
+        chosen = [find_run(payload["runs"], part.strip()) for part in spec.split("+")]
+        for views in sorted({0, tta} - ({0} if len(chosen) == 1 else set())):
+            version = assemble(registry, [r["eval"]["model"] for r in chosen], tta=views, aliases=())
+            row, evals = score(registry, version.ref, data, shifted)
+            name = " + ".join(r["name"] for r in chosen) + (f", TTA {views}" if views else "")
+            seconds = sum(r["seconds"] for r in chosen)
+            head = _row_head(name, chosen[0]["config"], chosen[0]["train"])
+            head["input px"] = "+".join(str(r["config"]["input_size"]) for r in chosen)
+            payload["rows"] = [r for r in payload["rows"] if r["model"] != name] + [{**head, **row, "train s": seconds}]
+            record = {"name": name, "ensemble_of": [r["name"] for r in chosen], "tta": views, "seconds": seconds}
+            record.update(config=chosen[0]["config"], train=version.config["train"], eval=evals["val"], evals=evals)
+            payload["runs"] = [r for r in payload["runs"] if r["name"] != name] + [record]
+            print(payload["rows"][-1], flush=True)
     payload.pop("machine", None)
-    for part in parts:
-        other = json.loads((RESULTS_DIR / f"{part}.json").read_text())
-        payload["rows"] += other["rows"]
-        payload["runs"] += [{**run, "profile": other["profile"], "from": part} for run in other["runs"]]
     write_json(out, payload)
     print_table(f"PneumoniaMNIST dev val split ({out})", payload["rows"])
 
@@ -169,7 +211,13 @@ def robustness_rows(name: str, registry: Any, ref: str, *, data: Path, tta: int)
     rows = []
     for k in sorted({1, len(full.nets)}):
         for views in sorted({0, tta}):
-            predictor = MedicalPredictor(full.nets[:k], train_prior=full.train_prior, tta=views)
+            predictor = MedicalPredictor(
+                full.nets[:k],
+                train_prior=full.train_prior,
+                tta=views,
+                member_scale=full.member_scale[:k],  # a heterogeneous ensemble's members on one scale
+                member_shift=full.member_shift[:k],
+            )
             calibrate(predictor, held, min_holdout_for_bias=recipe.min_holdout_for_bias)
             zv, zs = predictor.logits(val.images), predictor.logits(shifted.images)
             for prior_name, prior in (("train", full.train_prior), ("stated 0.625", 0.625)):
@@ -231,9 +279,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reevaluate", action="store_true", help="re-score the models of --out's run in --work")
     parser.add_argument("--decision-prior", type=float, default=None, help="override the models' decision prior")
     parser.add_argument("--merge", default="", help="comma-separated results names to append to --out, then stop")
+    parser.add_argument(
+        "--assemble",
+        default="",
+        help="';'-separated ensembles of --out's trained runs (in --work), each 'NAME+NAME' (names or their starts), "
+        "scored with 0 and --tta views; a single NAME: that model with --tta views. Trains nothing.",
+    )
+    parser.add_argument(
+        "--compare",
+        default="",
+        help="';'-separated 'NAME vs NAME' of --out's runs (in --work): paired bootstrap of val AUC",
+    )
     parser.add_argument("--robustness", action="store_true", help="prior shift / TTA / ensemble table instead")
     parser.add_argument("--members", type=int, default=3, help="--robustness: ensemble size of the trained models")
-    parser.add_argument("--tta", type=int, default=4, help="--robustness: augmented views per image")
+    parser.add_argument("--tta", type=int, default=4, help="--robustness / --assemble: augmented views per image")
     parser.add_argument("--extra", default="", help="--robustness: more models, comma-separated REGISTRY:REF")
     args = parser.parse_args(argv)
 
@@ -252,6 +311,24 @@ def main(argv: list[str] | None = None) -> None:
             torch.set_num_threads(args.threads)
         robustness(args, data)
         return
+    if args.compare:
+        if args.work is None:
+            parser.error("--compare needs --work (the folder of the run that trained the models)")
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        compare(args.out, data, args.work, pairs=args.compare.split(";"))
+        return
+    if args.assemble:
+        if args.work is None:
+            parser.error("--assemble needs --work (the folder of the run that trained the models)")
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        assemble_rows(args.out, data, args.work, specs=args.assemble.split(";"), tta=args.tta)
+        return
     if args.reevaluate:
         if args.work is None:
             parser.error("--reevaluate needs --work (the folder of the earlier run)")
@@ -267,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     fractions = [float(f) for f in args.fractions.split(",")]
     rows, records = [], []
     for name, group, overrides in runs(args.profile, fractions, args.resnet50_weights):
-        init = name.split()[1]  # "pretrained" / "random" for the Lite0 rows
+        init = "random" if overrides.get("pretrained") is False else "pretrained"  # for the Lite0 rows
         if (only and group not in only) or (group == "lite0" and init not in args.init.split(",")):
             continue
         cfg = MedicalTrainConfig(

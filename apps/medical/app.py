@@ -53,11 +53,29 @@ def train(
         ),
     ] = None,
     tta: Annotated[int, typer.Option(min=0, help="Test-time augmentation: augmented views per image.")] = 0,
+    mixup: Annotated[float, typer.Option(min=0.0, help="Mixup Beta(a, a) parameter while fine-tuning (0: off).")] = 0.0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     precision: Annotated[str, typer.Option(help="'auto', '32', 'bf16-mixed', '16-mixed'.")] = "auto",
+    ensemble_of: Annotated[
+        str | None,
+        typer.Option(
+            help="Train nothing: combine these registered medical models (comma-separated refs trained on the same "
+            "images, e.g. a Lite0 and a ResNet-18) into one calibrated ensemble; --tta and --decision-prior apply."
+        ),
+    ] = None,
 ) -> None:
     """Fine-tune the X-ray classifier, calibrate it and register it as ``medical`` (alias ``production``)."""
     from apps.medical.train import MedicalTrainConfig, main
+
+    if ensemble_of is not None:
+        from apps.medical.ensemble import assemble
+        from core.registry import ModelRegistry
+
+        refs = [r.strip() for r in ensemble_of.split(",") if r.strip()]
+        with user_errors(*_ERRORS):
+            version = assemble(ModelRegistry(), refs, tta=tta, decision_prior=decision_prior)
+        typer.echo(json.dumps({"registered": version.ref, "metrics": version.metrics}))
+        return
 
     overrides: dict[str, Any] = {
         "split": split,
@@ -68,6 +86,7 @@ def train(
         "members": members,
         "decision_prior": decision_prior,
         "tta": tta,
+        "mixup": mixup,
         "seed": seed,
         "precision": precision,
     }

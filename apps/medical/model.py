@@ -203,6 +203,10 @@ class MedicalPredictor:
     augmented views of it (:func:`apps.medical.data.augment_batch` at ``tta_strength``, a fixed random
     stream, so the same batch always gives the same logits); the temperature must be fitted with the same
     ``tta`` (:func:`apps.medical.train.calibrate`).
+
+    A heterogeneous ensemble (e.g. the pretrained Lite0 with a ResNet-18, :mod:`apps.medical.ensemble`) puts its
+    members on one scale first: member ``i``'s logit becomes ``z_i * member_scale[i] + member_shift[i]`` (its own
+    temperature scaling, to balanced log-odds) before the mean; default 1 and 0, the plain mean logit.
     """
 
     def __init__(
@@ -216,9 +220,18 @@ class MedicalPredictor:
         batch_size: int = 256,
         tta: int = 0,
         tta_strength: float = 0.5,
+        member_scale: list[float] | None = None,
+        member_shift: list[float] | None = None,
     ) -> None:
         if not nets:
             raise ValueError("a predictor needs at least one network")
+        self.member_scale = [1.0] * len(nets) if member_scale is None else [float(v) for v in member_scale]
+        self.member_shift = [0.0] * len(nets) if member_shift is None else [float(v) for v in member_shift]
+        if not len(self.member_scale) == len(self.member_shift) == len(nets):
+            raise ValueError(
+                f"member_scale / member_shift need one value per network ({len(nets)}), "
+                f"got {len(self.member_scale)} / {len(self.member_shift)}"
+            )
         if tta < 0:
             raise ValueError(f"tta must be >= 0 augmented views, got {tta}")
         self.nets = [n.eval() for n in nets]
@@ -248,7 +261,8 @@ class MedicalPredictor:
                 views = [part] + [
                     augment_batch(part, generator=generator, strength=self.tta_strength) for _ in range(self.tta)
                 ]
-                out.append(torch.stack([net(v) for net in self.nets for v in views]).mean(0))
+                members = zip(self.nets, self.member_scale, self.member_shift, strict=True)
+                out.append(torch.stack([net(v) * a + c for net, a, c in members for v in views]).mean(0))
         return torch.cat(out) if out else torch.zeros(0)
 
     @property
@@ -297,6 +311,8 @@ class MedicalPredictor:
                 "decision_prior": self.decision_prior,
                 "tta": self.tta,
                 "tta_strength": self.tta_strength,
+                "member_scale": self.member_scale,
+                "member_shift": self.member_shift,
             },
         }
 
@@ -318,11 +334,10 @@ def load_predictor(version: ModelVersion, state: dict[str, Any]) -> MedicalPredi
         return load_edge_predictor(version, state)
     if version.config.get("kind") != "medical":
         raise ValueError(f"{version.ref} is not a medical model (config kind {version.config.get('kind')!r})")
-    net_cfg = version.config["net"]
-    cfg = MedicalNetConfig(**{**net_cfg, "mean": tuple(net_cfg["mean"]), "std": tuple(net_cfg["std"])})
+    configs = version.config.get("nets") or [version.config["net"]] * len(state["members"])  # "nets": heterogeneous
     nets = []
-    for member in state["members"]:
-        net = MedicalNet(cfg)
+    for member, net_cfg in zip(state["members"], configs, strict=True):
+        net = MedicalNet(MedicalNetConfig(**{**net_cfg, "mean": tuple(net_cfg["mean"]), "std": tuple(net_cfg["std"])}))
         net.load_state_dict(member, strict=True)
         nets.append(net.eval())
     cal = state["calibration"]
@@ -334,6 +349,8 @@ def load_predictor(version: ModelVersion, state: dict[str, Any]) -> MedicalPredi
         decision_prior=float(cal["decision_prior"]),
         tta=int(cal.get("tta", 0)),
         tta_strength=float(cal.get("tta_strength", 0.5)),
+        member_scale=cal.get("member_scale"),
+        member_shift=cal.get("member_shift"),
     )
 
 

@@ -89,6 +89,7 @@ class MedicalTrainConfig:
     weight_decay: float = 1e-4
     warmup_frac: float = 0.1
     augment: bool = True
+    mixup: float = 0.0  # mixup (Zhang et al. 2018) Beta(a, a) parameter during fine-tuning; 0: off
     min_holdout_for_bias: int = 100  # held-out images needed to fit the calibration bias as well as T
     decision_prior: float | None = None  # prevalence the decision is made for; None: the training prevalence
     tta: int = 0  # test-time augmentation: augmented views averaged with the image (calibrated with them)
@@ -101,8 +102,9 @@ class MedicalTrainConfig:
 
 
 def balanced_bce(logits: torch.Tensor, y: torch.Tensor, *, pos_weight: float) -> torch.Tensor:
-    """BCE weighting both classes equally (``pos_weight = n_normal / n_pneumonia``), mean weight 1."""
-    weight = torch.where(y > 0, pos_weight, 1.0) / ((1 + pos_weight) / 2)
+    """BCE weighting both classes equally (``pos_weight = n_normal / n_pneumonia``), mean weight 1; soft (mixup)
+    targets get the weights' mix."""
+    weight = (y * pos_weight + (1 - y)) / ((1 + pos_weight) / 2)
     return F.binary_cross_entropy_with_logits(logits, y, weight=weight)
 
 
@@ -120,8 +122,10 @@ class FineTuneModule(pl.LightningModule):
         warmup_steps: int,
         total_steps: int,
         patience: int,
+        mixup: float = 0.0,
     ) -> None:
         super().__init__()
+        self.mixup = mixup
         self.net = net
         self.groups = groups
         self.pos_weight = pos_weight
@@ -142,6 +146,10 @@ class FineTuneModule(pl.LightningModule):
         x = images.float() / 255
         if self.augment:
             x = augment_batch(x)
+        if self.mixup > 0:  # convex mixes of image pairs and of their labels
+            lam = float(torch.distributions.Beta(self.mixup, self.mixup).sample())
+            perm = torch.randperm(x.shape[0], device=x.device)
+            x, y = lam * x + (1 - lam) * x[perm], lam * y + (1 - lam) * y[perm]
         loss = self._loss(self.net(x), y)
         self.log("train_loss", loss.detach(), prog_bar=True)
         return loss
@@ -222,6 +230,7 @@ def _run_phase(
         warmup_steps=int(cfg.warmup_frac * total),
         total_steps=total,
         patience=max(cfg.patience, math.ceil(cfg.patience_steps / steps_per_epoch)),
+        mixup=cfg.mixup if any(g["name"] != "head" for g in groups) else 0.0,  # not in the frozen warm-up
     )
     trainer = Trainer(
         module,

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from apps.medical.evaluate import evaluate
@@ -76,3 +77,38 @@ def test_the_decision_prior_moves_the_threshold_not_the_ranking(trained_registry
     assert low["auc"] == high["auc"] and low["ece"] == high["ece"]
     assert low["sensitivity"] <= high["sensitivity"] and low["specificity"] >= high["specificity"]
     assert low["sensitivity"] < high["sensitivity"] or low["specificity"] > high["specificity"]
+
+
+def test_balanced_bce_takes_soft_targets_as_the_mix_of_the_hard_ones() -> None:
+    from apps.medical.train import balanced_bce
+
+    logits = torch.tensor([0.3, -1.2, 2.0])
+    y0, y1 = torch.zeros(3), torch.ones(3)
+    hard = torch.nn.functional.binary_cross_entropy_with_logits
+    torch.testing.assert_close(balanced_bce(logits, y1, pos_weight=0.5), hard(logits, y1) * 0.5 / 0.75)
+    torch.testing.assert_close(balanced_bce(logits, y0, pos_weight=0.5), hard(logits, y0) / 0.75)
+    mixed = balanced_bce(logits, torch.full((3,), 0.25), pos_weight=0.5)  # weight (0.25 * 0.5 + 0.75) / 0.75
+    weight = torch.full((3,), (0.25 * 0.5 + 0.75) / 0.75)
+    torch.testing.assert_close(mixed, hard(logits, torch.full((3,), 0.25), weight=weight))
+
+
+@pytest.mark.parametrize("mixup", [0.0, 0.4])
+def test_mixup_mixes_images_and_labels_only_when_on(mixup: float) -> None:
+    from apps.medical.model import MedicalNet, MedicalNetConfig
+    from apps.medical.train import FineTuneModule
+
+    torch.manual_seed(0)
+    net = MedicalNet(MedicalNetConfig("torchvision:resnet18", input_size=28))
+    module = FineTuneModule(
+        net, [], pos_weight=1.0, augment=False, weight_decay=0.0, warmup_steps=0, total_steps=1, patience=1, mixup=mixup
+    )
+    seen: dict[str, torch.Tensor] = {}
+    module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]  # no Trainer here
+    net.register_forward_pre_hook(lambda m, args: seen.update(x=args[0]))
+    module._loss = lambda logits, y: seen.update(y=y) or logits.mean()  # type: ignore[method-assign]
+    images = torch.cat([torch.zeros(4, 1, 28, 28), torch.full((4, 1, 28, 28), 255.0)]).to(torch.uint8)
+    labels = torch.tensor([0.0] * 4 + [1.0] * 4)
+    module.training_step((images, labels), 0)
+    between = ((seen["y"] > 0) & (seen["y"] < 1)).any()
+    assert bool(between) == (mixup > 0)  # soft labels only with mixup
+    torch.testing.assert_close(seen["x"].amax(dim=(1, 2, 3)), seen["y"])  # black 0 / white 1: the same mix
