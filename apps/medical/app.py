@@ -42,6 +42,9 @@ def train(
     pretrained: Annotated[bool, typer.Option(help="Use the backbone's weights (else random init).")] = True,
     input_size: Annotated[int, typer.Option(help="Images are upsampled to this many pixels.")] = 64,
     finetune_epochs: Annotated[int | None, typer.Option(help="Fine-tuning epochs (default: the recipe's).")] = None,
+    patience: Annotated[
+        int | None, typer.Option(min=1, help="Epochs without a better held-out AUC before stopping (default: 2).")
+    ] = None,
     members: Annotated[int, typer.Option(min=1, help="Ensemble size.")] = 1,
     decision_prior: Annotated[
         float | None,
@@ -94,6 +97,8 @@ def train(
         overrides["data_path"] = str(data)
     if finetune_epochs is not None:
         overrides["finetune_epochs"] = finetune_epochs
+    if patience is not None:
+        overrides["patience"] = patience
     with user_errors(*_ERRORS):
         version = main(MedicalTrainConfig(**overrides))
     typer.echo(json.dumps({"registered": version.ref, "metrics": version.metrics}))

@@ -112,3 +112,26 @@ def test_mixup_mixes_images_and_labels_only_when_on(mixup: float) -> None:
     between = ((seen["y"] > 0) & (seen["y"] < 1)).any()
     assert bool(between) == (mixup > 0)  # soft labels only with mixup
     torch.testing.assert_close(seen["x"].amax(dim=(1, 2, 3)), seen["y"])  # black 0 / white 1: the same mix
+
+
+def test_keel_train_medical_passes_the_recipe_options_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 96 px winner of the README is reproducible from the CLI: input size, epochs, patience and TTA arrive."""
+    import apps.medical.train as train_module
+    from core.cli import build_cli
+
+    seen = {}
+
+    class Registered:
+        ref, metrics = "medical@1", {}
+
+    def fake_main(cfg):  # noqa: ANN001, ANN202
+        seen["cfg"] = cfg
+        return Registered()
+
+    monkeypatch.setattr(train_module, "main", fake_main)
+    args = ["train", "medical", "--input-size", "96", "--finetune-epochs", "10", "--patience", "3", "--tta", "4"]
+    out = CliRunner().invoke(build_cli(), args)
+    assert out.exit_code == 0, out.output
+    cfg = seen["cfg"]
+    assert (cfg.input_size, cfg.finetune_epochs, cfg.patience, cfg.tta) == (96, 10, 3, 4)
+    assert CliRunner().invoke(build_cli(), ["train", "medical", "--patience", "0"]).exit_code == 2
