@@ -125,33 +125,16 @@ def test_crash_before_commit_neither_loses_nor_repeats_alerts(
 
     from core.streaming import memory_backend
 
+    run = dict(bus=bus, topic="tx", alerts_topic="alerts", group_id="g", registry=_registry(card_model), **state)
     original = memory_backend._MemoryConsumer.commit
     memory_backend._MemoryConsumer.commit = crash_on_third_commit(original)  # type: ignore[method-assign]
     try:
         with pytest.raises(Crash):
-            run_stream(
-                bus=bus,
-                topic="tx",
-                alerts_topic="alerts",
-                group_id="g",
-                registry=_registry(card_model),
-                idle_timeout_s=0.5,
-                bus_options=None,
-                max_poll_records=BATCH,
-                **state,
-            )
+            run_stream(**run, idle_timeout_s=0.5, max_poll_records=BATCH)
     finally:
         memory_backend._MemoryConsumer.commit = original  # type: ignore[method-assign]
     before = _alert_ids(bus, "alerts")
-    stats = run_stream(
-        bus=bus,
-        topic="tx",
-        alerts_topic="alerts",
-        group_id="g",
-        registry=_registry(card_model),
-        idle_timeout_s=0.5,
-        **state,
-    )
+    stats = run_stream(**run, idle_timeout_s=0.5)
     alerts = _alert_ids(bus, "alerts")
     assert before and stats["replayed"] == (0 if snapshots else 2 * BATCH)
     assert len(alerts) == len(set(alerts)), "an alert was published twice"
