@@ -16,9 +16,10 @@ for any ``now >= max_ts - allowed_lateness`` -- which covers every read that a s
 may miss evicted events for reads further in the past. Keys are never dropped as a whole.
 
 Backends (``create_store(name, **options)``, registry ``FEATURE_STORE_BACKENDS``):
-``memory`` (default, in-process, O(1) amortised update, O(log n) per window read) and ``redis`` (shared, one
-sorted set per key, Lua-scripted updates, pipelined batches). Both return the same features for the same events
-(up to float rounding of sums).
+``memory`` (default, in-process, O(1) amortised update, O(log n) per window read; its per-event loops are
+numba-compiled, and ``state_dict()`` / ``load_state_dict()`` save and restore it as plain numpy arrays) and
+``redis`` (shared, one sorted set per key, Lua-scripted updates, pipelined batches; redis is its own durable
+copy). Both return the same features for the same events (up to float rounding of sums).
 
 Batches. ``read_before(spec, keys=..., ts=..., values=...)`` gives the point-in-time features of a stream of
 events as numpy columns (a :class:`WindowBatch`): row ``i`` is read strictly before ``ts[i]``, then event ``i``
