@@ -111,7 +111,7 @@ def bench(
 ) -> None:
     """Run ``benchmarks/NAME.py``; it prints a table and writes JSON. Extra options go to the script."""
     path = BENCHMARKS_DIR / f"{name}.py"
-    if not path.is_file():
+    if name.startswith("_") or not path.is_file():  # _common.py and the like are helpers, not benchmarks
         known = ", ".join(sorted(p.stem for p in BENCHMARKS_DIR.glob("*.py") if not p.stem.startswith("_")))
         raise typer.BadParameter(f"no benchmark {name!r} in {BENCHMARKS_DIR}; known: {known}", param_hint="NAME")
     sys.argv = [str(path), *ctx.args]

@@ -43,6 +43,8 @@ def test_bench_lists_known_benchmarks_for_an_unknown_name() -> None:
     result = CliRunner().invoke(build_cli(), ["bench", "no_such_benchmark"])
     assert result.exit_code != 0
     assert "serve_fraud" in result.output
+    helper = CliRunner().invoke(build_cli(), ["bench", "_common"])  # a helper module, not a benchmark
+    assert helper.exit_code == 2 and "no benchmark '_common'" in helper.output
 
 
 def test_apps_command_lists_fraud() -> None:
