@@ -318,29 +318,21 @@ def main(argv: list[str] | None = None) -> None:
         merge(args.out, args.merge.split(","))
         return
     data = args.data or default_data_path()
-    if args.robustness:
-        if args.threads:
-            import torch
+    if args.threads and (args.robustness or args.compare or args.assemble):  # training runs take torch_threads
+        import torch
 
-            torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads)
+    if args.robustness:
         robustness(args, data)
         return
     if args.compare:
         if args.work is None:
             parser.error("--compare needs --work (the folder of the run that trained the models)")
-        if args.threads:
-            import torch
-
-            torch.set_num_threads(args.threads)
         compare(args.out, data, args.work, pairs=args.compare.split(";"))
         return
     if args.assemble:
         if args.work is None:
             parser.error("--assemble needs --work (the folder of the run that trained the models)")
-        if args.threads:
-            import torch
-
-            torch.set_num_threads(args.threads)
         assemble_rows(args.out, data, args.work, specs=args.assemble.split(";"), tta=args.tta)
         return
     if args.reevaluate:
