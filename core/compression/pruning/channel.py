@@ -49,6 +49,17 @@ def _inputs(batch: Any) -> torch.Tensor:
     return batch[0] if isinstance(batch, list | tuple) else batch
 
 
+def _output_shapes(out: Any) -> Any:
+    """The shape of each tensor in a model's output (a tensor, or tuples / lists / dicts of them)."""
+    if isinstance(out, torch.Tensor):
+        return tuple(out.shape)
+    if isinstance(out, dict):
+        return {k: _output_shapes(v) for k, v in out.items()}
+    if isinstance(out, list | tuple):
+        return tuple(_output_shapes(v) for v in out)
+    return type(out).__name__
+
+
 def _channel_scores(x: torch.Tensor, axis: int) -> torch.Tensor:
     """Mean of ``x`` over every axis but ``axis``."""
     return x.detach().float().transpose(axis, -1).reshape(-1, x.shape[axis]).mean(0)
@@ -103,7 +114,7 @@ class ChannelPruner:
         """A pruned copy of the model (physically smaller), checked to run and give the same output shape."""
         model = copy.deepcopy(self.model).eval()
         with torch.no_grad():
-            before = model(self.example_input).shape
+            before = _output_shapes(model(self.example_input))
         graph = trace_channels(model, self.example_input)
         for name, rec in graph.modules.items():
             if rec.producer and rec.out_ids is not None and name.startswith(self.ignore):
@@ -113,9 +124,9 @@ class ChannelPruner:
         _apply(model, graph, pruned)
         self.masks = {n: _keep(r.out_ids, graph, pruned) for n, r in graph.modules.items() if r.out_ids is not None}
         with torch.no_grad():
-            after = model(self.example_input).shape
+            after = _output_shapes(model(self.example_input))
         if after != before:  # the tracer's rules are conservative; this guards against a rule being wrong
-            raise RuntimeError(f"pruning changed the output shape from {tuple(before)} to {tuple(after)}")
+            raise RuntimeError(f"pruning changed the output shape from {before} to {after}")
         return model.train(self.model.training)
 
     def compress(self, **report_kwargs: Any) -> Any:

@@ -185,3 +185,33 @@ def test_taylor_needs_labels() -> None:
         ChannelPruner(
             model, 0.5, "taylor", example_input=torch.randn(2, 4), calibration_data=[torch.randn(2, 4)]
         ).prune()
+
+
+class _TwoHeads(nn.Module):
+    """A shared trunk with two heads, returned as a tuple and as a dict (detectors return several maps)."""
+
+    def __init__(self, as_dict: bool) -> None:
+        super().__init__()
+        self.as_dict = as_dict
+        self.trunk = nn.Sequential(nn.Conv2d(2, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.a, self.b = nn.Conv2d(16, 3, 1), nn.Conv2d(16, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | dict[str, torch.Tensor]:
+        t = self.trunk(x)
+        return {"a": self.a(t), "b": self.b(t)} if self.as_dict else (self.a(t), self.b(t))
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_models_with_several_outputs_keep_every_output_shape(as_dict: bool) -> None:
+    torch.manual_seed(0)
+    model = _TwoHeads(as_dict).eval()
+    x = torch.randn(2, 2, 8, 8)
+    pruner = ChannelPruner(model, 0.5, "activation_magnitude", example_input=x, calibration_data=[x])
+    pruned = pruner.prune()
+    assert pruned.trunk[0].out_channels == 8 and pruned.a.in_channels == pruned.b.in_channels == 8
+    with torch.no_grad():
+        want, got = _zero_removed(model, pruner.masks)(x), pruned(x)
+    pairs = [(want[k], got[k]) for k in ("a", "b")] if as_dict else list(zip(want, got, strict=True))
+    for w, g in pairs:  # the heads' own channels are outputs: frozen, so every shape is unchanged
+        assert g.shape == w.shape
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
