@@ -107,7 +107,7 @@ def _fps(predictor: PcbPredictor, device: str, *, batch: int, bf16: bool, reps: 
         if device == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with amp:
-            decode(model(x), k=model.cfg.max_detections)
+            decode(model(x), k=model.cfg.max_detections, nms_iou=model.cfg.nms_iou)
 
     for _ in range(3):
         once()

@@ -6,7 +6,7 @@ Scores a registered model (default ``pcb_inspection@production``) or a weights f
 
     keel bench pcb_quality [--model pcb_inspection@2 | --weights pcb_gpu_model.pt] [--threads 2]
 
-Writes ``benchmarks/results/pcb_quality.json``.
+Writes ``benchmarks/results/pcb_quality.json`` (``--out NAME``: ``NAME.json``; ``NAME_fps.json`` with ``--fps-only``).
 """
 
 from __future__ import annotations
@@ -49,10 +49,10 @@ def cpu_fps(predictor: PcbPredictor, *, reps: int) -> float:
     images = torch.randint(0, 2, (1, 2, 640, 640), dtype=torch.uint8)
     has = torch.ones(1, dtype=torch.bool)
     model = predictor.model.eval()
-    decode(model(to_input(images, has)), k=model.cfg.max_detections)
+    decode(model(to_input(images, has)), k=model.cfg.max_detections, nms_iou=model.cfg.nms_iou)
     t0 = time.perf_counter()
     for _ in range(reps):
-        decode(model(to_input(images, has)), k=model.cfg.max_detections)
+        decode(model(to_input(images, has)), k=model.cfg.max_detections, nms_iou=model.cfg.nms_iou)
     return reps / (time.perf_counter() - t0)
 
 
@@ -65,6 +65,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--fps-only", action="store_true", help="only time inference (no held-out scoring)")
+    p.add_argument("--out", default="pcb_quality", help="results file name (benchmarks/results/OUT.json)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     predictor, name = _load(args)
@@ -73,7 +74,7 @@ def main() -> None:
         print(f"{name} ({predictor.model.cfg.backbone}): CPU fps at 640 (fp32, {args.threads} threads) {fps:.2f}")
         load = os.getloadavg()[0]  # a shared box: the load says what the figure is worth
         write_json(
-            "pcb_quality_fps", {"model": name, "cpu_fps_640_fp32": fps, "threads": args.threads, "load_1min": load}
+            f"{args.out}_fps", {"model": name, "cpu_fps_640_fp32": fps, "threads": args.threads, "load_1min": load}
         )
         return
     if args.list is None:
@@ -104,7 +105,7 @@ def main() -> None:
         f"mAP@0.5 {result['metrics']['map50']:.4f}; without template {result['map50_without_template']:.4f}; "
         f"CPU fps at 640 (fp32, {args.threads} threads) {result['cpu_fps_640_fp32']:.2f}"
     )
-    write_json("pcb_quality", result)
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":
