@@ -9,8 +9,14 @@ through the same predictor (mAP@0.5 per class, DeepPCB P / R / F at IoU 0.33) an
 jobs hits all of them alike (ratios to PyTorch fp32 are the robust figure on a shared box)::
 
     keel bench pcb_edge --weights pcb_gpu_model.pt [--threads 2] [--reps 30] [--calibration-pairs 32] [--fps-only]
+    keel bench pcb_edge --weights pcb_gpu_model.pt --prune 0.5 [--finetune-s 600]   # + the pruned model's variants
 
-Writes ``benchmarks/results/pcb_edge.json`` (``pcb_edge_fps.json`` with ``--fps-only``: exports and timing only).
+With ``--prune RATE`` the detector is also channel-pruned and fine-tuned on the training pairs
+(:func:`apps.pcb_inspection.edge.prune_detector`), and the pruned model runs in PyTorch, ONNX Runtime fp32 and int8
+next to the unpruned ones.
+
+Writes ``benchmarks/results/pcb_edge.json`` (``pcb_edge_fps.json`` with ``--fps-only``: exports and timing only;
+``pcb_edge_pruned[_fps].json`` with ``--prune``).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from apps.pcb_inspection.data import PcbDataset, read_list  # noqa: E402
-from apps.pcb_inspection.edge import calibration_inputs, export_edge, load_source  # noqa: E402
+from apps.pcb_inspection.edge import calibration_inputs, export_edge, load_source, prune_detector  # noqa: E402
 from apps.pcb_inspection.evaluate import detect_records, pcb_metrics  # noqa: E402
 from apps.pcb_inspection.model import LiteDetector, PcbPredictor  # noqa: E402
 from apps.pcb_inspection.train import split_records  # noqa: E402
@@ -52,16 +58,26 @@ def _predictors(args: argparse.Namespace, work: Path) -> tuple[dict[str, PcbPred
     src = load_source(str(args.weights or args.model), registry=ModelRegistry())
     train, held = split_records(read_list(args.list, args.data_dir), split="group", holdout=0.2, seed=0)
     calibration = calibration_inputs(train, n=args.calibration_pairs)
-    predictors = {"pytorch fp32": PcbPredictor(src.model, score_threshold=src.score_threshold)}
+    models = {"": src.model}
     exports: dict[str, Any] = {}
-    for label, variant in VARIANTS.items():
-        if variant is None:
-            continue
-        export = export_edge(src.model, work / f"pcb_{variant}{_SUFFIX[variant]}", variant=variant,
-                             calibration=calibration)  # fmt: skip
-        lite = LiteDetector(LiteModel.load(export.path, threads=args.threads), src.model.cfg)
-        predictors[label] = PcbPredictor(lite, score_threshold=src.score_threshold)
-        exports[label] = export.to_dict()
+    if args.prune is not None:
+        pruned, stats = prune_detector(src.model, train, rate=args.prune, finetune_s=args.finetune_s,
+                                       calibration=calibration, lr=args.finetune_lr)  # fmt: skip
+        models[f"pruned {args.prune:.0%} "] = pruned
+        exports["pruning"] = stats
+    predictors = {}
+    for prefix, model in models.items():
+        for label, variant in VARIANTS.items():
+            if prefix and variant == "int8-fx":
+                continue  # the pruned model's int8 runs in ONNX Runtime (the faster int8 path above)
+            if variant is None:
+                predictors[prefix + label] = PcbPredictor(model, score_threshold=src.score_threshold)
+                continue
+            name = f"pcb_{prefix.split('%')[0].replace(' ', '')}{variant}{_SUFFIX[variant]}"
+            export = export_edge(model, work / name, variant=variant, calibration=calibration)
+            lite = LiteDetector(LiteModel.load(export.path, threads=args.threads), src.model.cfg)
+            predictors[prefix + label] = PcbPredictor(lite, score_threshold=src.score_threshold)
+            exports[prefix + label] = export.to_dict()
     return predictors, exports, (src, held, len(calibration))
 
 
@@ -90,6 +106,9 @@ def main() -> None:
     p.add_argument("--calibration-pairs", type=int, default=32)
     p.add_argument("--work-dir", type=Path, default=None, help="keep the exported files here (default: a temp dir)")
     p.add_argument("--fps-only", action="store_true", help="skip the held-out scoring; write pcb_edge_fps.json")
+    p.add_argument("--prune", type=float, default=None, metavar="RATE", help="also a RATE channel-pruned model")
+    p.add_argument("--finetune-s", type=float, default=600.0, help="seconds of fine-tuning after --prune")
+    p.add_argument("--finetune-lr", type=float, default=1e-3)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.list is None:
@@ -141,10 +160,11 @@ def _report(args: argparse.Namespace, *, src: Any, n_held: int, n_calib: int, qu
         rows.append({**row, "FPS 640 b1": fps[label], "x fp32 torch": ratio[label], "MB": size})
     print_table(f"{src.source}: board-group held-out 20% ({n_held} pairs), {args.threads} CPU threads", rows)
     print(f"load average (1 min) {load[0]:.1f} before / {load[1]:.1f} after the FPS rounds")
-    write_json("pcb_edge_fps" if args.fps_only else "pcb_edge", {
+    name = "pcb_edge" + ("_pruned" if args.prune is not None else "") + ("_fps" if args.fps_only else "")
+    write_json(name, {
         "model": src.source, "split": "group", "n_held_out": n_held, "calibration_pairs": n_calib,
         "threads": args.threads, "reps": args.reps, "image": "640x640, batch 1, decoding included",
-        "load_1min_before_after_fps": list(load), "variants": variants,
+        "load_1min_before_after_fps": list(load), "variants": variants, "pruning": exports.get("pruning"),
     })  # fmt: skip
 
 

@@ -12,11 +12,18 @@ on a non-square pair, proving the dynamic batch / height / width axes):
   exported as TorchScript; torch's quantised FX graphs cannot be exported to ONNX.
 
 Calibration pairs come from the training side of the split (board group by default), never the held-out part.
+With ``--prune RATE`` the detector is first made smaller: :class:`core.compression.ChannelPruner` removes that
+fraction of the channels of every prunable group (ranked by mean activation magnitude on the calibration pairs,
+widths kept multiples of 8), then the pruned network is fine-tuned on the training pairs for ``--finetune-s``
+seconds with the training recipe (:func:`apps.pcb_inspection.train.fit`), and that model is exported. Pruning
+without the fine-tune destroys the detector (25% of channels: mAP@0.5 0.949 -> 0.001).
+
 The export runs through the same :class:`~apps.pcb_inspection.model.PcbPredictor` (input fusion, peak decoding,
 score threshold) as the PyTorch model, via :class:`~apps.pcb_inspection.model.LiteDetector`. Run::
 
     python -m apps.pcb_inspection.edge --model pcb_inspection@production --out /tmp/pcb_edge.onnx
     python -m apps.pcb_inspection.edge --model pcb_gpu_model.pt --variant fp32 --out /tmp/pcb_fp32.onnx
+    python -m apps.pcb_inspection.edge --model pcb_gpu_model.pt --prune 0.5 --finetune-s 600 --out /tmp/pcb_p50.onnx
 
 and serve it with ``KEEL_PCB_MODEL_REF=pcb_inspection-edge@production keel serve pcb_inspection``.
 """
@@ -38,7 +45,7 @@ import torch
 
 from apps.pcb_inspection.data import PairRecord, PcbDataset, read_list
 from apps.pcb_inspection.model import INPUT_NAME, OUTPUT_NAMES, PcbDetector, PcbDetectorConfig, to_input
-from core.compression import quantize_static
+from core.compression import ChannelPruner, quantize_static
 from core.compression.export import ExportReport, export_onnx, export_torchscript
 from core.compression.export import quantize_onnx as core_quantize_onnx
 from core.lite import LiteModel
@@ -54,6 +61,7 @@ __all__ = [
     "export_edge",
     "load_source",
     "main",
+    "prune_detector",
     "quantize_onnx",
     "register_edge",
 ]
@@ -165,6 +173,60 @@ def calibration_inputs(records: Sequence[PairRecord], *, n: int, seed: int = 0) 
     return [to_input(torch.from_numpy(data.pair(i))[None], torch.ones(1, dtype=torch.bool)) for i in range(len(data))]
 
 
+def prune_detector(
+    model: PcbDetector,
+    train_records: Sequence[PairRecord],
+    *,
+    rate: float,
+    finetune_s: float,
+    calibration: Sequence[torch.Tensor],
+    lr: float = 1e-3,
+    metric: str = "activation_magnitude",
+    seed: int = 0,
+) -> tuple[PcbDetector, dict[str, Any]]:
+    """Channel-prunes ``model`` (left unchanged) by ``rate`` and fine-tunes the result on ``train_records``.
+
+    Args:
+        model: the trained fp32 detector.
+        train_records: the training side of the split (never the held-out pairs).
+        rate: fraction of each prunable group's channels to remove, in (0, 1).
+        finetune_s: wall-clock seconds of fine-tuning (warm-up + cosine learning rate over them).
+        calibration: (1, 2, H, W) inputs the channels are ranked on (see :func:`calibration_inputs`).
+        lr: peak learning rate of the fine-tune.
+        metric: a :data:`core.compression.pruning.channel.PRUNING_METRICS` name without labels.
+        seed: of the fine-tune's crops and shuffling.
+
+    Returns:
+        ``(pruned detector in eval mode, statistics)``: parameters before and after, and the fine-tune's run.
+    """
+    from apps.pcb_inspection.train import PcbTrainConfig, fit
+
+    if not 0.0 < rate < 1.0:
+        raise ValueError(f"the pruning rate must be in (0, 1), got {rate}")
+    if finetune_s <= 0:
+        raise ValueError(f"finetune_s must be > 0 (a pruned detector is useless untrained), got {finetune_s}")
+    if not calibration:
+        raise ValueError("prune_detector needs calibration inputs to rank channels on")
+    example = calibration[0][..., :128, :128]
+    pruner = ChannelPruner(model.eval(), rate, metric, example_input=example, calibration_data=list(calibration),
+                           round_to=8)  # fmt: skip
+    pruned = pruner.prune()
+    params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    log.info("pruned %.0f%% of channels: %d -> %d parameters", 100 * rate, params(model), params(pruned))
+    cfg = PcbTrainConfig(model=f"pruned-{rate:g}", lr=lr, budget_s=finetune_s, register_as=None, progress=False,
+                         seed=seed)  # fmt: skip
+    pruned, run = fit(cfg, list(train_records), model=pruned)
+    stats = {
+        "rate": rate,
+        "metric": metric,
+        "round_to": 8,
+        "params_before": params(model),
+        "params_after": params(pruned),
+        "finetune": {"seconds": finetune_s, "lr": lr, "crop": cfg.crop, "batch_size": cfg.batch_size, **run},
+    }
+    return pruned, stats
+
+
 def _score_diff(model: PcbDetector, lite: LiteModel, checks: Sequence[torch.Tensor]) -> float:
     worst = 0.0
     for x in checks:
@@ -237,6 +299,7 @@ def register_edge(
     name: str,
     aliases: Sequence[str] = (),
     calibration: dict[str, Any] | None = None,
+    pruning: dict[str, Any] | None = None,
 ) -> ModelVersion:
     """Registers an export as the next version of ``name``, its parent the source version (lineage).
 
@@ -259,6 +322,7 @@ def register_edge(
             "score_threshold": src.score_threshold,
             "source": src.source,
             "calibration": calibration or {},
+            "pruning": pruning,  # None: the source's channels as trained
         },  # fmt: skip
         hparams={"atol": parity.atol, "rtol": parity.rtol},
         metrics={
@@ -282,6 +346,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--data-dir", type=Path, default=None, help="folder the list's paths are relative to")
     p.add_argument("--split", default="group", choices=("group", "random", "none"), help="calibrate on its train part")
     p.add_argument("--calibration-pairs", type=int, default=32)
+    p.add_argument("--prune", type=float, default=None, metavar="RATE", help="channel-prune by RATE, then fine-tune")
+    p.add_argument("--finetune-s", type=float, default=600.0, help="seconds of fine-tuning after --prune")
+    p.add_argument("--finetune-lr", type=float, default=1e-3)
     p.add_argument("--name", default=None, help="registry name (default: the source's name + '-edge')")
     p.add_argument("--alias", action="append", default=None, help="alias for the export (default: production)")
     p.add_argument("--registry-root", type=Path, default=None)
@@ -301,13 +368,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     list_file = args.list or _default_list()
     train_records, _ = split_records(read_list(list_file, args.data_dir), split=args.split, holdout=0.2, seed=0)
     calibration = calibration_inputs(train_records, n=args.calibration_pairs)
+    pruning = None
+    if args.prune is not None:
+        pruned, pruning = prune_detector(src.model, train_records, rate=args.prune, finetune_s=args.finetune_s,
+                                         calibration=calibration, lr=args.finetune_lr)  # fmt: skip
+        pruning.update(split=args.split, list=str(list_file))
+        src = dataclasses.replace(src, model=pruned)
     export = export_edge(src.model, args.out, variant=args.variant, calibration=calibration)
-    summary: dict[str, Any] = {"export": export.to_dict(), "source": src.source}
+    summary: dict[str, Any] = {"export": export.to_dict(), "source": src.source, "pruning": pruning}
     if not args.no_register:
         base = src.parent.partition("@")[0] if src.parent else "pcb_inspection"
         calib = {"list": str(list_file), "split": args.split, "pairs": len(calibration)}
         version = register_edge(registry, export, src, name=args.name or f"{base}-edge",
-                                aliases=args.alias or ["production"], calibration=calib)  # fmt: skip
+                                aliases=args.alias or ["production"], calibration=calib,
+                                pruning=pruning)  # fmt: skip
         summary.update(registered=version.ref, parent=version.parent)
     print(json.dumps(summary, default=str))
     return summary

@@ -58,6 +58,7 @@ class PcbTrainConfig:
     crop: int = 256  # side of the random training crops (the detector is fully convolutional)
     max_shift: int = 8  # template misregistration in training, px along each axis
     template_dropout: float = 0.1
+    giou_weight: float = 0.0  # GIoU box loss on top of CenterNet's L1 (see model.detection_loss)
     batch_size: int = 8
     lr: float = 2e-3
     weight_decay: float = 1e-4
@@ -156,17 +157,26 @@ def split_records(
     return records, []
 
 
-def _loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
-    images, has_template, boxes, classes = batch
-    x = to_input(images, has_template)
-    if x.is_cuda:
-        x = x.contiguous(memory_format=torch.channels_last)
-    loss, _ = detection_loss(model(x), boxes, classes)
-    return loss
+@dataclass(frozen=True)
+class _Loss:
+    """The Trainer's ``loss_fn(model, batch)`` (a picklable callable: DataLoader workers may copy it)."""
+
+    giou_weight: float = 0.0
+
+    def __call__(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        images, has_template, boxes, classes = batch
+        x = to_input(images, has_template)
+        if x.is_cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        loss, _ = detection_loss(model(x), boxes, classes, giou_weight=self.giou_weight)
+        return loss
 
 
-def fit(cfg: PcbTrainConfig, train_records: list[PairRecord]) -> tuple[PcbDetector, dict[str, Any]]:
-    """Trains a fresh ``cfg.model`` on ``train_records``; returns it (eval mode) and run statistics."""
+def fit(
+    cfg: PcbTrainConfig, train_records: list[PairRecord], *, model: PcbDetector | None = None
+) -> tuple[PcbDetector, dict[str, Any]]:
+    """Trains a fresh ``cfg.model`` (or goes on training ``model``, e.g. a pruned detector) on ``train_records``;
+    returns it (eval mode) and run statistics."""
     from core.training import Trainer
 
     try:  # the speed switches landed with issue #3; older trees train without them
@@ -174,7 +184,7 @@ def fit(cfg: PcbTrainConfig, train_records: list[PairRecord]) -> tuple[PcbDetect
     except ImportError:
         SpeedConfig = None  # type: ignore[assignment,misc]  # noqa: N806
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model)
+    model = (create_model(cfg.model) if model is None else model).train()
     data = PcbDataset(
         train_records,
         train=True,
@@ -198,7 +208,7 @@ def fit(cfg: PcbTrainConfig, train_records: list[PairRecord]) -> tuple[PcbDetect
     speed = {"speed": SpeedConfig(compile=False)} if SpeedConfig is not None else {}
     trainer = Trainer(
         model,
-        loss_fn=_loss,
+        loss_fn=_Loss(cfg.giou_weight),
         precision=cfg.precision,
         loss_scaling=None,  # fp32 / bf16 need no loss scale (fp16 is not used here)
         max_epochs=100_000,  # the budget callback ends the run
