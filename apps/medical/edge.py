@@ -11,13 +11,17 @@ Variants (each but ``fp32`` an exported file, registered as ``medical-edge`` wit
 * ``fp32``: the model as trained (PyTorch, the reference);
 * ``onnx``: the same fp32 network on ONNX Runtime;
 * ``int8_ptq``: static post-training int8 (FX graph, x86 kernels), activation ranges from training images;
+* ``int8_ort``: the ``onnx`` graph (checked against PyTorch) statically quantised by ONNX Runtime (QDQ, per-channel
+  int8 weights, uint8 activations, MinMax ranges from the same training images; the final linear layer stays fp32),
+  the int8 path that runs in ONNX Runtime like the fp32 export;
 * ``int8_qat``: int8 by quantisation-aware training: ``qat_epochs`` of fake-quantised fine-tuning with the app's
   loss and augmentation, then converted (PTQ alone measured a large AUC loss on Lite0, see the README);
 * ``pruned``: ``prune_rate`` of the channels of every prunable group removed (L1), then fine-tuned with the app's
   recipe (balanced loss, augmentation, early stopping on the held-out AUC); ONNX Runtime;
-* ``pruned_int8_ptq`` / ``pruned_int8_qat``: the pruned network quantised as above.
+* ``pruned_int8_ptq`` / ``pruned_int8_ort`` / ``pruned_int8_qat``: the pruned network quantised as above.
 
-int8 graphs are exported as TorchScript (torch's quantized kernels), fp32 ones as ONNX.
+torch's int8 graphs (``*_ptq``, ``*_qat``) are exported as TorchScript (torch's quantized kernels), the others as
+ONNX.
 
 Calibration still applies: the temperature and bias (``p = sigmoid(z / T + b)``) are refitted on the same held-out
 training images for every variant's own logits, and stored with the export; the decision prior is the parent's.
@@ -73,8 +77,21 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 EDGE_NAME = "medical-edge"
-VARIANTS = ("fp32", "onnx", "int8_ptq", "int8_qat", "pruned", "pruned_int8_ptq", "pruned_int8_qat")
-_FORMAT = {"onnx": "onnx", "pruned": "onnx"}  # int8 graphs: TorchScript (torch's quantized kernels)
+VARIANTS = (
+    "fp32",
+    "onnx",
+    "int8_ptq",
+    "int8_ort",
+    "int8_qat",
+    "pruned",
+    "pruned_int8_ptq",
+    "pruned_int8_ort",
+    "pruned_int8_qat",
+)
+#: Variants written as ONNX; the rest (torch's int8 graphs) as TorchScript.
+_FORMAT = {"onnx": "onnx", "pruned": "onnx", "int8_ort": "onnx", "pruned_int8_ort": "onnx"}
+#: ONNX variants quantised by ONNX Runtime after the fp32 export.
+_ORT_INT8 = ("int8_ort", "pruned_int8_ort")
 
 
 @dataclass(frozen=True)
@@ -248,9 +265,34 @@ def _predictor(
     return predictor
 
 
-def export_variant(name: str, module: nn.Module, folder: Path, *, example: torch.Tensor, source: str) -> Any:
-    """Writes ``module`` (image (B, 1, 28, 28) -> logit (B,)) as ONNX or TorchScript, checked against PyTorch."""
-    from core.compression.export import export_onnx, export_torchscript
+def export_variant(
+    name: str,
+    module: nn.Module,
+    folder: Path,
+    *,
+    example: torch.Tensor,
+    source: str,
+    calibration: np.ndarray | None = None,
+) -> Any:
+    """Writes ``module`` (image (B, 1, 28, 28) -> logit (B,)) as ONNX or TorchScript, checked against PyTorch.
+
+    The ONNX Runtime int8 variants are exported in fp32 (that graph is what the parity check compares), then
+    quantised with activation ranges from ``calibration`` ((N, H, W) uint8 training images); the returned report
+    then names the int8 file.
+    """
+    from core.compression.export import export_onnx, export_torchscript, quantize_onnx
+
+    if name in _ORT_INT8:
+        if calibration is None or not len(calibration):
+            raise ValueError(f"variant {name!r} needs calibration images")
+        (folder / "fp32").mkdir(parents=True, exist_ok=True)
+        fp32_variant = "pruned" if name.startswith("pruned") else "onnx"
+        report = export_variant(fp32_variant, module, folder / "fp32", example=example, source=source)
+        path = folder / f"{name}.onnx"
+        feeds = [{"image": batch.numpy()} for batch in _images(calibration).split(64)]
+        head = [i.name for i in _onnx_initializers(report.path) if i.name.endswith("head.weight")]
+        quantize_onnx(report.path, path, calibration=feeds, keep_fp32=head)
+        return dataclasses.replace(report, path=path, size_bytes=path.stat().st_size)
 
     fmt = _FORMAT.get(name, "torchscript")
     kwargs: dict[str, Any] = {
@@ -265,6 +307,12 @@ def export_variant(name: str, module: nn.Module, folder: Path, *, example: torch
         return export_onnx(module, example[:4], path, **kwargs)
     # int8 logits are compared with their own eager graph: the trace must reproduce it closely
     return export_torchscript(module, example[:4], path, atol=1e-3, rtol=1e-3, **kwargs)
+
+
+def _onnx_initializers(path: Path) -> list[Any]:
+    import onnx
+
+    return list(onnx.load(str(path)).graph.initializer)
 
 
 def build_variants(
@@ -296,12 +344,16 @@ def build_variants(
 
     if "int8_ptq" in wanted:
         timed("int8_ptq", lambda: quantize(split_net(net), calib))
+    if "int8_ort" in wanted:
+        modules["int8_ort"] = split_net(net)  # quantised by ONNX Runtime after its export
     if "int8_qat" in wanted:
         timed("int8_qat", lambda: quantize_aware(split_net(net), fit, recipe, cfg))
-    if wanted & {"pruned", "pruned_int8_ptq", "pruned_int8_qat"}:
+    if wanted & {"pruned", "pruned_int8_ptq", "pruned_int8_ort", "pruned_int8_qat"}:
         timed("pruned", lambda: split_net(prune_and_finetune(net, fit, held, recipe, cfg)))
     if "pruned_int8_ptq" in wanted:
         timed("pruned_int8_ptq", lambda: quantize(modules["pruned"], calib))
+    if "pruned_int8_ort" in wanted:
+        modules["pruned_int8_ort"] = modules["pruned"]
     if "pruned_int8_qat" in wanted:
         timed("pruned_int8_qat", lambda: quantize_aware(modules["pruned"], fit, recipe, cfg))
     out = []
@@ -310,7 +362,11 @@ def build_variants(
         if name == "fp32":
             variant = EdgeVariant(name, eager, eager, _predictor(eager, predictor, held, recipe))
         else:
-            report = export_variant(name, eager, folder, example=example, source=f"{source} ({name})")
+            start = time.perf_counter()
+            report = export_variant(name, eager, folder, example=example, source=f"{source} ({name})",
+                                    calibration=calib)  # fmt: skip
+            if name in _ORT_INT8:  # the quantisation happens in the export
+                timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
             lite = LiteNet(LiteModel.load(report.path, threads=torch.get_num_threads()))
             # calibrated on the exported file's own logits: what a deployment computes
             variant = EdgeVariant(name, lite, eager, _predictor(lite, predictor, held, recipe), report.path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
@@ -44,17 +45,22 @@ def test_split_net_computes_the_same_logits(parent: tuple) -> None:
 def test_variants_export_calibrate_and_register_with_lineage(parent: tuple, synthetic_npz: Path) -> None:
     registry, version, _, _ = parent
     rows = main(
-        ["--model", "medical@1", "--registry", str(registry.root), "--variants", "fp32,onnx,int8_ptq"]
+        ["--model", "medical@1", "--registry", str(registry.root), "--variants", "fp32,onnx,int8_ptq,int8_ort"]
         + ["--data", str(synthetic_npz), "--split", "test"]
     )
     by_name = {r["variant"]: r for r in rows}
-    assert set(by_name) == {"fp32", "onnx", "int8_ptq"} and "registered" not in by_name["fp32"]
+    assert set(by_name) == {"fp32", "onnx", "int8_ptq", "int8_ort"} and "registered" not in by_name["fp32"]
     assert by_name["onnx"]["auc"] == pytest.approx(by_name["fp32"]["auc"], abs=1e-3)  # the same function
-    for name in ("onnx", "int8_ptq"):
+    for name in ("onnx", "int8_ptq", "int8_ort"):
         assert by_name[name]["auc"] > 0.8, by_name[name]  # the toy X-rays stay separable
         v = registry.get(by_name[name]["registered"])
         assert v.name == EDGE_NAME and v.parent == version.ref and v.config["variant"] == name
-        assert v.config["format"] == ("torchscript" if "int8" in name else "onnx")
+        assert v.config["format"] == ("torchscript" if name == "int8_ptq" else "onnx")
+    ort_version, ort_state = registry.load(by_name["int8_ort"]["registered"])
+    onnx_size = registry.get(by_name["onnx"]["registered"]).metrics["size_bytes"]
+    assert ort_version.metrics["size_bytes"] < 0.5 * onnx_size  # int8 weights in the file
+    ops = {n.op_type for n in onnx.load_model_from_string(ort_state["artifact"].numpy().tobytes()).graph.node}
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
     # a registered variant loads back and gives the calibrated probabilities it was scored with
     int8_version, state = registry.load(by_name["int8_ptq"]["registered"])
     loaded = load_edge_predictor(int8_version, state)
