@@ -216,6 +216,8 @@ def prune_detector(
     cfg = PcbTrainConfig(model=f"pruned-{rate:g}", lr=lr, budget_s=finetune_s, register_as=None, progress=False,
                          seed=seed)  # fmt: skip
     pruned, run = fit(cfg, list(train_records), model=pruned)
+    # the export runs on the CPU with NCHW inputs; the Trainer may leave the model on a GPU or channels-last
+    pruned = pruned.cpu().to(memory_format=torch.contiguous_format).eval()
     stats = {
         "rate": rate,
         "metric": metric,
