@@ -16,7 +16,7 @@ With ``--prune RATE`` the detector is also channel-pruned and fine-tuned on the 
 next to the unpruned ones.
 
 Writes ``benchmarks/results/pcb_edge.json`` (``pcb_edge_fps.json`` with ``--fps-only``: exports and timing only;
-``pcb_edge_pruned[_fps].json`` with ``--prune``).
+``pcb_edge_pruned50[_fps].json`` with ``--prune 0.5``).
 """
 
 from __future__ import annotations
@@ -160,7 +160,8 @@ def _report(args: argparse.Namespace, *, src: Any, n_held: int, n_calib: int, qu
         rows.append({**row, "FPS 640 b1": fps[label], "x fp32 torch": ratio[label], "MB": size})
     print_table(f"{src.source}: board-group held-out 20% ({n_held} pairs), {args.threads} CPU threads", rows)
     print(f"load average (1 min) {load[0]:.1f} before / {load[1]:.1f} after the FPS rounds")
-    name = "pcb_edge" + ("_pruned" if args.prune is not None else "") + ("_fps" if args.fps_only else "")
+    pruned = f"_pruned{round(100 * args.prune)}" if args.prune is not None else ""
+    name = f"pcb_edge{pruned}" + ("_fps" if args.fps_only else "")
     write_json(name, {
         "model": src.source, "split": "group", "n_held_out": n_held, "calibration_pairs": n_calib,
         "threads": args.threads, "reps": args.reps, "image": "640x640, batch 1, decoding included",

@@ -290,7 +290,7 @@ def export_variant(
         report = export_variant(fp32_variant, module, folder / "fp32", example=example, source=source)
         path = folder / f"{name}.onnx"
         feeds = [{"image": batch.numpy()} for batch in _images(calibration).split(64)]
-        head = [i.name for i in _onnx_initializers(report.path) if i.name.endswith("head.weight")]
+        head = [i.name for i in _onnx_initializers(report.path) if _is_head_weight(i.name)]
         quantize_onnx(report.path, path, calibration=feeds, keep_fp32=head)
         return dataclasses.replace(report, path=path, size_bytes=path.stat().st_size)
 
@@ -313,6 +313,11 @@ def _onnx_initializers(path: Path) -> list[Any]:
     import onnx
 
     return list(onnx.load(str(path)).graph.initializer)
+
+
+def _is_head_weight(name: str) -> bool:
+    """The classifier's weight in an exported :class:`LogitCore` (``core.head.weight``, ``core.head.1.weight``)."""
+    return name.startswith("core.head.") and name.endswith(".weight")
 
 
 def build_variants(

@@ -200,6 +200,7 @@ def prune_detector(
         ``(pruned detector in eval mode, statistics)``: parameters before and after, and the fine-tune's run.
     """
     from apps.pcb_inspection.train import PcbTrainConfig, fit
+    from core.compression.report import count_parameters
 
     if not 0.0 < rate < 1.0:
         raise ValueError(f"the pruning rate must be in (0, 1), got {rate}")
@@ -211,7 +212,7 @@ def prune_detector(
     pruner = ChannelPruner(model.eval(), rate, metric, example_input=example, calibration_data=list(calibration),
                            round_to=8)  # fmt: skip
     pruned = pruner.prune()
-    params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    params = lambda m: count_parameters(m)[0]  # noqa: E731
     log.info("pruned %.0f%% of channels: %d -> %d parameters", 100 * rate, params(model), params(pruned))
     cfg = PcbTrainConfig(model=f"pruned-{rate:g}", lr=lr, budget_s=finetune_s, register_as=None, progress=False,
                          seed=seed)  # fmt: skip

@@ -59,8 +59,11 @@ def test_variants_export_calibrate_and_register_with_lineage(parent: tuple, synt
     ort_version, ort_state = registry.load(by_name["int8_ort"]["registered"])
     onnx_size = registry.get(by_name["onnx"]["registered"]).metrics["size_bytes"]
     assert ort_version.metrics["size_bytes"] < 0.5 * onnx_size  # int8 weights in the file
-    ops = {n.op_type for n in onnx.load_model_from_string(ort_state["artifact"].numpy().tobytes()).graph.node}
-    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    graph = onnx.load_model_from_string(ort_state["artifact"].numpy().tobytes()).graph
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in graph.node}
+    weights = {i.name: i.data_type for i in graph.initializer}
+    head = [name for name in weights if name.startswith("core.head.") and name.endswith(".weight")]
+    assert head and all(weights[name] == onnx.TensorProto.FLOAT for name in head)  # the classifier stays fp32
     # a registered variant loads back and gives the calibrated probabilities it was scored with
     int8_version, state = registry.load(by_name["int8_ptq"]["registered"])
     loaded = load_edge_predictor(int8_version, state)
