@@ -25,7 +25,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import batched_nms
+from torchvision.ops import batched_nms, generalized_box_iou_loss
 
 from apps.pcb_inspection.data import CLASSES, binarize
 from core.lite import LiteModel
@@ -142,15 +142,6 @@ def _targets(boxes: torch.Tensor, classes: torch.Tensor, shape: tuple[int, int],
     return heat
 
 
-def _giou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Generalised IoU (Rezatofighi et al., 2019) of matching rows of (N, 4) x1,y1,x2,y2 boxes -> (N,)."""
-    inter = (torch.min(a[:, 2:], b[:, 2:]) - torch.max(a[:, :2], b[:, :2])).clamp(min=0).prod(1)
-    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
-    union = area(a) + area(b) - inter
-    hull = (torch.max(a[:, 2:], b[:, 2:]) - torch.min(a[:, :2], b[:, :2])).prod(1)
-    return inter / union.clamp(min=1e-6) - (hull - union) / hull.clamp(min=1e-6)
-
-
 def detection_loss(
     outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     boxes: torch.Tensor,
@@ -159,8 +150,8 @@ def detection_loss(
     giou_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """CenterNet loss: penalty-reduced focal loss on the heatmap + L1 on size (x0.1) and offset at box centres,
-    plus, with ``giou_weight``, a GIoU loss on the box decoded at each centre (TTFNet's box loss, at the centre
-    only), which ties size and offset to the overlap that mAP@0.5 measures.
+    plus, with ``giou_weight``, a GIoU loss (Rezatofighi et al., 2019) on the box decoded at each centre (TTFNet's
+    box loss, at the centre only), which ties size and offset to the overlap that mAP@0.5 measures.
 
     Args:
         outputs: the model's ``(heatmap logits, size, offset)``.
@@ -192,7 +183,7 @@ def detection_loss(
     if giou_weight:
         centre = (torch.stack([ix, iy], dim=1).float() + off_at) * STRIDE
         pred = torch.cat([centre - size_at * STRIDE / 2, centre + size_at * STRIDE / 2], dim=1)
-        giou_loss = (1 - _giou(pred, bx)).sum() / n_pos
+        giou_loss = generalized_box_iou_loss(pred, bx, reduction="sum") / n_pos
         total = total + giou_weight * giou_loss
         parts["giou"] = giou_loss.detach()
     return total, parts
