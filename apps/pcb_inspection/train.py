@@ -10,6 +10,7 @@ Run::
 
     python -m apps.pcb_inspection.train --recipe cpu [--budget-s 600] [--split group|random]
     python -m apps.pcb_inspection.train --import-weights OUT/pcb_gpu_model.pt   # register the GPU recipe's weights
+    python -m apps.pcb_inspection.train --init OUT/pcb_gpu_model.pt --budget-s 600 --lr 1e-3  # fine-tune a model
     keel train pcb_inspection --recipe cpu
 """
 
@@ -51,6 +52,7 @@ class PcbTrainConfig:
     """Every setting of a training run (saved in the registry entry)."""
 
     model: str = "pcb_det_tiny"
+    init: str | None = None  # registry ref or pcb_gpu_model.pt to go on training (its architecture, not `model`)
     data_dir: str | None = None  # folder the list's paths are relative to; None: the list's folder
     list_file: str | None = None  # None: <KEEL_DATA_DIR>/pcb/DeepPCB/PCBData/trainval.txt
     split: str = "group"  # "group" (20% by board group), "random" (20% of pairs) or "none" (train on all)
@@ -249,7 +251,14 @@ def main(cfg: PcbTrainConfig) -> tuple[Any, dict[str, Any]]:
     train_records, held = split_records(records, split=cfg.split, holdout=cfg.holdout, seed=cfg.seed)
     held_groups = sorted({r.group for r in held})
     log.info("%d training pairs, %d held out (%s split: %s)", len(train_records), len(held), cfg.split, held_groups)
-    model, stats = fit(cfg, train_records)
+    source = None
+    if cfg.init is not None:  # fine-tune a trained detector: its weights and architecture, this run's recipe
+        from apps.pcb_inspection.edge import load_source
+        from core.registry import ModelRegistry
+
+        source = load_source(cfg.init, registry=ModelRegistry(cfg.registry_root))
+        log.info("training goes on from %s", source.source)
+    model, stats = fit(cfg, train_records, model=None if source is None else source.model)
     device = "cuda" if cfg.accelerator != "cpu" and torch.cuda.is_available() else "cpu"
     predictor = PcbPredictor(model.to(device), score_threshold=cfg.score_threshold, device=device)
     metrics = pcb_metrics(detect_records(predictor, held), held, threshold=cfg.score_threshold) if held else {}
@@ -269,7 +278,7 @@ def main(cfg: PcbTrainConfig) -> tuple[Any, dict[str, Any]]:
     version = ModelRegistry(cfg.registry_root).register(
         cfg.register_as,
         {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        architecture=cfg.model,
+        architecture=cfg.model if source is None else "pcb_inspection",
         config={
             "net": dataclasses.asdict(model.cfg),
             "score_threshold": cfg.score_threshold,
@@ -279,6 +288,7 @@ def main(cfg: PcbTrainConfig) -> tuple[Any, dict[str, Any]]:
         hparams=dataclasses.asdict(model.cfg),
         metrics=flat,
         data_fingerprint=fingerprint_file(list_file),  # the list; its label files are read back by keel eval
+        parent=None if source is None else source.parent,
         aliases=("production",),
     )
     log.info("registered %s: %s", version.ref, flat)

@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from apps.pcb_inspection.evaluate import evaluate
-from apps.pcb_inspection.train import RECIPES, PcbTrainConfig, _parse, split_records
+from apps.pcb_inspection.train import RECIPES, PcbTrainConfig, _parse, main, split_records
 from core.cli import build_cli
 from core.registry import ModelRegistry
 from tests.apps.pcb_inspection.conftest import Trained
@@ -67,6 +68,20 @@ def test_random_split_and_recipes() -> None:
     with pytest.raises(ValueError, match="budget_s"):
         PcbTrainConfig(budget_s=None, max_steps=-1)
     assert split_records([], split="none", holdout=0.2, seed=0) == ([], [])
+
+
+def test_training_goes_on_from_a_registered_model_with_lineage(trained: Trained) -> None:
+    registry = ModelRegistry(trained.registry_root)
+    parent, parent_state = registry.load(trained.ref)
+    cfg = PcbTrainConfig(list_file=str(trained.list_file), init=trained.ref, crop=32, batch_size=2, budget_s=None,
+                         max_steps=1, lr=1e-9, precision="32", progress=False, register_as="pcb-finetuned",
+                         registry_root=str(trained.registry_root))  # fmt: skip
+    version, report = main(cfg)
+    assert version.parent == parent.ref and version.config["train"]["init"] == trained.ref
+    assert report["train"]["steps"] == 1 and version.config["net"] == parent.config["net"]
+    _, state = registry.load(version.ref)
+    stem = "backbone.conv1.0.weight"
+    assert torch.allclose(state[stem].float(), parent_state[stem].float(), atol=1e-6)  # the parent's weights, not fresh
 
 
 def test_cli_arguments_map_to_the_config() -> None:
