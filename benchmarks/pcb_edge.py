@@ -60,11 +60,11 @@ def _predictors(args: argparse.Namespace, work: Path) -> tuple[dict[str, PcbPred
     calibration = calibration_inputs(train, n=args.calibration_pairs)
     models = {"": src.model}
     exports: dict[str, Any] = {}
+    stats = None
     if args.prune is not None:
         pruned, stats = prune_detector(src.model, train, rate=args.prune, finetune_s=args.finetune_s,
                                        calibration=calibration, lr=args.finetune_lr)  # fmt: skip
         models[f"pruned {args.prune:.0%} "] = pruned
-        exports["pruning"] = stats
     predictors = {}
     for prefix, model in models.items():
         for label, variant in VARIANTS.items():
@@ -78,7 +78,7 @@ def _predictors(args: argparse.Namespace, work: Path) -> tuple[dict[str, PcbPred
             lite = LiteDetector(LiteModel.load(export.path, threads=args.threads), src.model.cfg)
             predictors[prefix + label] = PcbPredictor(lite, score_threshold=src.score_threshold)
             exports[prefix + label] = export.to_dict()
-    return predictors, exports, (src, held, len(calibration))
+    return predictors, exports, (src, held, len(calibration), stats)
 
 
 @torch.no_grad()
@@ -121,7 +121,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work_dir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        predictors, exports, (src, held_records, n_calib) = _predictors(args, work)
+        predictors, exports, (src, held_records, n_calib, pruning) = _predictors(args, work)
         held = PcbDataset(held_records)
         quality, eval_s = {}, {}
         for label, predictor in ({} if args.fps_only else predictors).items():
@@ -134,12 +134,12 @@ def main() -> None:
         times = interleaved_fps(predictors, torch.from_numpy(held.pair(0))[None], reps=args.reps)
         load_after = os.getloadavg()[0]
     _report(args, src=src, n_held=len(held_records), n_calib=n_calib, quality=quality, eval_s=eval_s,
-            times=times, exports=exports, load=(load_before, load_after))  # fmt: skip
+            times=times, exports=exports, load=(load_before, load_after), pruning=pruning)  # fmt: skip
 
 
 def _report(args: argparse.Namespace, *, src: Any, n_held: int, n_calib: int, quality: dict[str, Any],
             eval_s: dict[str, float], times: dict[str, list[float]], exports: dict[str, Any],
-            load: tuple[float, float]) -> None:  # fmt: skip
+            load: tuple[float, float], pruning: dict[str, Any] | None) -> None:  # fmt: skip
     base = "pytorch fp32"
     fps = {k: 1 / statistics.median(v) for k, v in times.items()}
     # per-round speed ratios: both calls of a round saw about the same load
@@ -165,7 +165,7 @@ def _report(args: argparse.Namespace, *, src: Any, n_held: int, n_calib: int, qu
     write_json(name, {
         "model": src.source, "split": "group", "n_held_out": n_held, "calibration_pairs": n_calib,
         "threads": args.threads, "reps": args.reps, "image": "640x640, batch 1, decoding included",
-        "load_1min_before_after_fps": list(load), "variants": variants, "pruning": exports.get("pruning"),
+        "load_1min_before_after_fps": list(load), "variants": variants, "pruning": pruning,
     })  # fmt: skip
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -159,19 +160,13 @@ def split_records(
     return records, []
 
 
-@dataclass(frozen=True)
-class _Loss:
-    """The Trainer's ``loss_fn(model, batch)`` (a picklable callable: DataLoader workers may copy it)."""
-
-    giou_weight: float = 0.0
-
-    def __call__(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
-        images, has_template, boxes, classes = batch
-        x = to_input(images, has_template)
-        if x.is_cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        loss, _ = detection_loss(model(x), boxes, classes, giou_weight=self.giou_weight)
-        return loss
+def _loss(model: torch.nn.Module, batch: Any, *, giou_weight: float = 0.0) -> torch.Tensor:
+    images, has_template, boxes, classes = batch
+    x = to_input(images, has_template)
+    if x.is_cuda:
+        x = x.contiguous(memory_format=torch.channels_last)
+    loss, _ = detection_loss(model(x), boxes, classes, giou_weight=giou_weight)
+    return loss
 
 
 def fit(
@@ -210,7 +205,7 @@ def fit(
     speed = {"speed": SpeedConfig(compile=False)} if SpeedConfig is not None else {}
     trainer = Trainer(
         model,
-        loss_fn=_Loss(cfg.giou_weight),
+        loss_fn=functools.partial(_loss, giou_weight=cfg.giou_weight),
         precision=cfg.precision,
         loss_scaling=None,  # fp32 / bf16 need no loss scale (fp16 is not used here)
         max_epochs=100_000,  # the budget callback ends the run
