@@ -5,7 +5,7 @@ Reads the compact 1-bit PNG copy (``python -m apps.pcb_inspection.compact ../sha
 .carry/pcb/PCBData``), needs only torch / torchvision / timm / lightning / numpy / pillow (no FastAPI), and runs
 from the repository root without installing Keel::
 
-    python3 benchmarks/pcb_gpu.py --budget-s 270            # on the GPU box; results in $OUT (or benchmarks/results)
+    python3 benchmarks/pcb_gpu.py --budget-s 360            # on the GPU box; results in $OUT (or benchmarks/results)
     python3 benchmarks/pcb_gpu.py --device cpu --smoke      # end-to-end check on a CPU in ~1 minute
 
 Writes ``pcb_gpu.json``, ``pcb_gpu.log`` and ``pcb_gpu_model.pt`` (fp16 state dict + config, loadable with
@@ -32,7 +32,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from apps.pcb_inspection.data import PcbDataset, board_group_split, read_list  # noqa: E402
-from apps.pcb_inspection.evaluate import detect_records, map50, pcb_metrics, prf_at_iou  # noqa: E402
+from apps.pcb_inspection.evaluate import (  # noqa: E402
+    detect_records,
+    map50,
+    pcb_metrics,
+    prf_at_iou,
+    same_pair_detections,
+)
 from apps.pcb_inspection.model import PcbPredictor, decode, to_input  # noqa: E402
 from apps.pcb_inspection.train import RECIPES, fit  # noqa: E402
 
@@ -44,7 +50,7 @@ def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", type=Path, default=REPO / ".carry" / "pcb" / "PCBData")
     p.add_argument("--list", type=Path, default=None, help="pair list (default: DATA_DIR/trainval.txt)")
-    p.add_argument("--budget-s", type=float, default=270.0, help="wall-clock seconds of training")
+    p.add_argument("--budget-s", type=float, default=360.0, help="wall-clock seconds of training (both stages)")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     p.add_argument("--model", default=None, help="registered variant (default: the gpu recipe's)")
     p.add_argument("--batch-size", type=int, default=None)
@@ -125,6 +131,8 @@ def _evaluate(predictor: PcbPredictor, held: PcbDataset, threshold: float) -> di
     metrics = pcb_metrics(dets, held.records, threshold=threshold)
     no_template = detect_records(predictor, held, batch_size=16, with_template=False)
     metrics["map50_without_template"] = map50(no_template, held.records)[0]
+    metrics["same_pair_detections_per_image"] = same_pair_detections(predictor, held, threshold=threshold)
+    metrics["defects_per_image"] = sum(len(r.classes) for r in held.records) / max(1, len(held))
     shifts = {}
     for s in SHIFTS:
         d = dets if s == 0 else detect_records(predictor, held, batch_size=16, template_shift=s)

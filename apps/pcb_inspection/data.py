@@ -233,7 +233,9 @@ class PcbDataset(Dataset):
     (50 KB a pair). With ``train=True`` each item is augmented, boxes kept right: a random crop, one of the
     8 flips/rotations by 90 degrees (applied to both images), a random template misregistration of up to
     ``max_shift`` px in x and y, and, with probability ``template_dropout``, no template at all (so the model
-    also works when a caller has none).
+    also works when a caller has none). With probability ``same_pair`` the template is replaced by the test image
+    itself and the boxes are dropped: a defect that the reference shares is no defect. Without these pairs a
+    detector learns what defects look like and barely looks at the template, which fails on unseen boards.
 
     Args:
         records: the pairs.
@@ -241,6 +243,7 @@ class PcbDataset(Dataset):
         crop: side of the random square crop (train only; None or >= the image side: no crop).
         max_shift: largest template shift in pixels along each axis (train only).
         template_dropout: probability that an item comes without its template (train only).
+        same_pair: probability that an item's template is its own test image, with no boxes (train only).
         seed: base seed of the augmentation RNG (mixed with the item index and an epoch counter).
     """
 
@@ -252,11 +255,12 @@ class PcbDataset(Dataset):
         crop: int | None = None,
         max_shift: int = 0,
         template_dropout: float = 0.0,
+        same_pair: float = 0.0,
         seed: int = 0,
     ) -> None:
         self.records = list(records)
         self.train, self.crop, self.max_shift = train, crop, max_shift
-        self.template_dropout = template_dropout
+        self.template_dropout, self.same_pair = template_dropout, same_pair
         self.rng = np.random.default_rng(seed)
         self._rng_worker: tuple[int, int] | None = None
         self._packed: list[tuple[np.ndarray, tuple[int, int]]] = []
@@ -293,6 +297,8 @@ class PcbDataset(Dataset):
         self, image: np.ndarray, boxes: np.ndarray, classes: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
         rng = self._worker_rng()
+        if self.same_pair > 0 and rng.random() < self.same_pair:  # no draw when off: older runs stay reproducible
+            image, boxes, classes = np.stack([image[0], image[0]]), boxes[:0], classes[:0]
         if self.max_shift > 0:
             dx, dy = (int(v) for v in rng.integers(-self.max_shift, self.max_shift + 1, size=2))
             image = np.stack([image[0], shift_image(image[1], dx, dy)])

@@ -22,7 +22,16 @@ import torch
 from apps.pcb_inspection.data import CLASSES, PairRecord, PcbDataset, collate, read_list, shift_image
 from apps.pcb_inspection.model import Detections, PcbPredictor, load_predictor
 
-__all__ = ["average_precision_101", "box_iou", "detect_records", "evaluate", "map50", "pcb_metrics", "prf_at_iou"]
+__all__ = [
+    "average_precision_101",
+    "box_iou",
+    "detect_records",
+    "evaluate",
+    "map50",
+    "pcb_metrics",
+    "prf_at_iou",
+    "same_pair_detections",
+]
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -110,22 +119,35 @@ def detect_records(
     *,
     template_shift: int = 0,
     with_template: bool = True,
+    same_pair: bool = False,
     batch_size: int = 8,
 ) -> list[Detections]:
     """Every decoded peak for each pair (whole images), optionally with the template moved by
-    ``(template_shift, template_shift)`` px (right and down) or left out."""
+    ``(template_shift, template_shift)`` px (right and down), left out, or replaced by the test image itself
+    (``same_pair``: a detector that compares finds nothing then; one that only looks finds the defects)."""
     data = records if isinstance(records, PcbDataset) else PcbDataset(records)
     predictor.model.eval()
     out: list[Detections] = []
     for start in range(0, len(data), batch_size):
         items = [data[i] for i in range(start, min(start + batch_size, len(data)))]
         images, _, _, _ = collate(items)
+        if same_pair:
+            images[:, 1] = images[:, 0]
         if template_shift:
             shifted = [shift_image(im[1].numpy(), template_shift, template_shift) for im in images]
             images[:, 1] = torch.from_numpy(np.stack(shifted))
         has = torch.full((len(items),), with_template, dtype=torch.bool)
         out.extend(predictor.detect(images, has))
     return out
+
+
+def same_pair_detections(
+    predictor: PcbPredictor, records: Sequence[PairRecord] | PcbDataset, *, threshold: float
+) -> float:
+    """Detections per image at ``threshold`` when each template is its own test image: false alarms of a
+    detector that judges by looks instead of comparing (compare with the true defects per image)."""
+    dets = detect_records(predictor, records, same_pair=True)
+    return sum(len(d.above(threshold).scores) for d in dets) / max(1, len(dets))
 
 
 def evaluate(model_ref: str, *, data_dir: Path | str, list_file: Path | str, registry: Any) -> dict[str, Any]:

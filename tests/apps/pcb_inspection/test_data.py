@@ -122,6 +122,24 @@ def test_training_items_are_augmented_with_boxes_inside(tmp_path: Path) -> None:
     assert 5 < sum(flags) < 35  # template dropout happens, not always
 
 
+def test_same_pairs_show_the_test_image_twice_and_have_no_boxes(tmp_path: Path) -> None:
+    records = read_list(write_synthetic_set(tmp_path, n=4, size=128, ext="png"))
+    assert all(len(r.classes) for r in records)
+    data = PcbDataset(records, train=True, same_pair=0.5, seed=0)  # whole pairs: every defect stays in view
+    same = 0
+    for i in range(40):
+        image, has_template, boxes, classes = data[i % 4]
+        assert has_template
+        if torch.equal(image[0], image[1]):  # a real pair always differs: its defects are drawn on the test image
+            assert len(boxes) == len(classes) == 0
+            same += 1
+        else:
+            assert len(boxes) > 0
+    assert 5 < same < 35
+    off = PcbDataset(records, train=True, seed=0)
+    assert not any(torch.equal(off[i % 4][0][0], off[i % 4][0][1]) for i in range(20))
+
+
 def test_loader_workers_draw_different_augmentations(tmp_path: Path) -> None:
     records = read_list(write_synthetic_set(tmp_path, n=1, size=128, ext="png"))
     data = PcbDataset(records * 4, train=True, crop=64, max_shift=4, seed=0)

@@ -1,4 +1,5 @@
-"""Metrics: COCO 101-point AP, mAP@0.5 per class, DeepPCB precision / recall / F-score at IoU 0.33."""
+"""Metrics: COCO 101-point AP, mAP@0.5 per class, DeepPCB precision / recall / F-score at IoU 0.33; the same-pair
+false-alarm check."""
 
 from __future__ import annotations
 
@@ -6,10 +7,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-from apps.pcb_inspection.data import PairRecord
-from apps.pcb_inspection.evaluate import average_precision_101, box_iou, map50, prf_at_iou
-from apps.pcb_inspection.model import Detections
+from apps.pcb_inspection.data import PairRecord, read_list, write_synthetic_set
+from apps.pcb_inspection.evaluate import (
+    average_precision_101,
+    box_iou,
+    detect_records,
+    map50,
+    prf_at_iou,
+    same_pair_detections,
+)
+from apps.pcb_inspection.model import Detections, PcbDetectorConfig, PcbPredictor
 
 
 def _record(boxes: list[list[float]], classes: list[int]) -> PairRecord:
@@ -67,3 +78,26 @@ def test_a_box_is_matched_once() -> None:
     records = [_record([[0, 0, 20, 20]], [5])]
     dets = [_dets([[0, 0, 20, 20], [1, 1, 20, 20]], [0.9, 0.8], [5, 5])]
     assert prf_at_iou(dets, records, threshold=0.0)["precision_iou033"] == 0.5
+
+
+class _Rule(nn.Module):
+    """A fixed detector: class-0 heat where the pair differs (``compare``) or where the test image is copper."""
+
+    def __init__(self, compare: bool) -> None:
+        super().__init__()
+        self.cfg, self.compare = PcbDetectorConfig(), compare
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        cue = (x[:, :1] - x[:, 1:2]).abs() / 2 if self.compare else (x[:, :1] + 1) / 2
+        heat = F.max_pool2d(cue, 4) * 20 - 10  # logits: about +10 on the cue, -10 elsewhere
+        heat = torch.cat([heat, torch.full_like(heat, -10.0).expand(-1, 5, -1, -1)], dim=1)
+        b, _, h, w = heat.shape
+        return heat, torch.full((b, 2, h, w), 2.0), torch.full((b, 2, h, w), 0.5)
+
+
+def test_same_pairs_fool_a_detector_that_only_looks(tmp_path: Path) -> None:
+    records = read_list(write_synthetic_set(tmp_path, n=3, size=128, ext="png"))
+    comparing, looking = PcbPredictor(_Rule(compare=True)), PcbPredictor(_Rule(compare=False))
+    assert same_pair_detections(comparing, records, threshold=0.5) == 0
+    assert same_pair_detections(looking, records, threshold=0.5) >= 1
+    assert map50(detect_records(comparing, records), records)[0] > 0  # it does find the real differences

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -62,7 +63,8 @@ def test_keel_eval_cli_prints_json_last_and_names_bad_lines(
 
 def test_random_split_and_recipes() -> None:
     assert RECIPES.names() == ["cpu", "demo", "gpu"]
-    assert RECIPES.get("gpu").precision == "auto" and RECIPES.get("gpu").budget_s == 270.0
+    gpu = RECIPES.get("gpu")
+    assert gpu.precision == "auto" and gpu.budget_s * (1 - gpu.stage2_frac) == 270.0  # stage 1 as measured on an H200
     with pytest.raises(ValueError, match="split must be"):
         PcbTrainConfig(split="boards")
     with pytest.raises(ValueError, match="budget_s"):
@@ -82,6 +84,41 @@ def test_training_goes_on_from_a_registered_model_with_lineage(trained: Trained)
     _, state = registry.load(version.ref)
     stem = "backbone.conv1.0.weight"
     assert torch.allclose(state[stem].float(), parent_state[stem].float(), atol=1e-6)  # the parent's weights, not fresh
+
+
+def test_a_second_stage_restarts_at_half_the_lr_with_same_pairs(
+    trained: Trained, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import apps.pcb_inspection.train as train_module
+
+    seen: list[tuple[float, float]] = []  # (same_pair, lr) of each stage
+
+    class Spy(train_module.TimeBudget):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            seen.append((dataset_same_pair[-1], kwargs["lr"]))
+
+    dataset_same_pair: list[float] = []
+
+    class Data(train_module.PcbDataset):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            dataset_same_pair.append(kwargs["same_pair"])
+
+    monkeypatch.setattr(train_module, "TimeBudget", Spy)
+    monkeypatch.setattr(train_module, "PcbDataset", Data)
+    cfg = PcbTrainConfig(list_file=str(trained.list_file), crop=32, batch_size=2, budget_s=2.0, stage2_frac=0.5,
+                         lr=1e-3, precision="32", progress=False, register_as=None)  # fmt: skip
+    _, report = main(cfg)
+    assert seen == [(0.0, 1e-3), (0.25, 5e-4)]
+    one, two = report["train"]["stages"]
+    assert one["steps"] >= 1 and two["steps"] >= 1 and report["train"]["steps"] == one["steps"] + two["steps"]
+    with pytest.raises(ValueError, match="stage2_frac"):
+        PcbTrainConfig(budget_s=None, max_steps=10, stage2_frac=0.5)
+    with pytest.raises(ValueError, match="stage2_frac"):
+        PcbTrainConfig(stage2_frac=1.0)
+    with pytest.raises(ValueError, match="same_pair"):
+        PcbTrainConfig(same_pair=1.0)
 
 
 def test_cli_arguments_map_to_the_config() -> None:
