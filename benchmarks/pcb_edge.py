@@ -63,7 +63,8 @@ def _predictors(args: argparse.Namespace, work: Path) -> tuple[dict[str, PcbPred
     stats = None
     if args.prune is not None:
         pruned, stats = prune_detector(src.model, train, rate=args.prune, finetune_s=args.finetune_s,
-                                       calibration=calibration, lr=args.finetune_lr)  # fmt: skip
+                                       calibration=calibration, lr=args.finetune_lr,
+                                       same_pair=args.finetune_same_pair)  # fmt: skip
         models[f"pruned {args.prune:.0%} "] = pruned
     predictors = {}
     for prefix, model in models.items():
@@ -109,6 +110,8 @@ def main() -> None:
     p.add_argument("--prune", type=float, default=None, metavar="RATE", help="also a RATE channel-pruned model")
     p.add_argument("--finetune-s", type=float, default=600.0, help="seconds of fine-tuning after --prune")
     p.add_argument("--finetune-lr", type=float, default=1e-3)
+    p.add_argument("--finetune-same-pair", type=float, default=0.25, help="share of same pairs in the fine-tune")
+    p.add_argument("--out", default=None, help="results file name (default: pcb_edge[_prunedNN][_fps])")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.list is None:
@@ -161,7 +164,7 @@ def _report(args: argparse.Namespace, *, src: Any, n_held: int, n_calib: int, qu
     print_table(f"{src.source}: board-group held-out 20% ({n_held} pairs), {args.threads} CPU threads", rows)
     print(f"load average (1 min) {load[0]:.1f} before / {load[1]:.1f} after the FPS rounds")
     pruned = f"_pruned{round(100 * args.prune)}" if args.prune is not None else ""
-    name = f"pcb_edge{pruned}" + ("_fps" if args.fps_only else "")
+    name = args.out or f"pcb_edge{pruned}" + ("_fps" if args.fps_only else "")
     write_json(name, {
         "model": src.source, "split": "group", "n_held_out": n_held, "calibration_pairs": n_calib,
         "threads": args.threads, "reps": args.reps, "image": "640x640, batch 1, decoding included",

@@ -181,6 +181,7 @@ def prune_detector(
     finetune_s: float,
     calibration: Sequence[torch.Tensor],
     lr: float = 1e-3,
+    same_pair: float = 0.25,
     metric: str = "activation_magnitude",
     seed: int = 0,
 ) -> tuple[PcbDetector, dict[str, Any]]:
@@ -193,6 +194,8 @@ def prune_detector(
         finetune_s: wall-clock seconds of fine-tuning (warm-up + cosine learning rate over them).
         calibration: (1, 2, H, W) inputs the channels are ranked on (see :func:`calibration_inputs`).
         lr: peak learning rate of the fine-tune.
+        same_pair: share of fine-tuning items whose template is their own test image (``PcbTrainConfig.same_pair``):
+            the fine-tune keeps the detector comparing with the template instead of falling back on looks.
         metric: a :data:`core.compression.pruning.channel.PRUNING_METRICS` name without labels.
         seed: of the fine-tune's crops and shuffling.
 
@@ -214,8 +217,8 @@ def prune_detector(
     pruned = pruner.prune()
     params = lambda m: count_parameters(m)[0]  # noqa: E731
     log.info("pruned %.0f%% of channels: %d -> %d parameters", 100 * rate, params(model), params(pruned))
-    cfg = PcbTrainConfig(model=f"pruned-{rate:g}", lr=lr, budget_s=finetune_s, register_as=None, progress=False,
-                         seed=seed)  # fmt: skip
+    cfg = PcbTrainConfig(model=f"pruned-{rate:g}", lr=lr, budget_s=finetune_s, same_pair=same_pair, register_as=None,
+                         progress=False, seed=seed)  # fmt: skip
     pruned, run = fit(cfg, list(train_records), model=pruned)
     # the export runs on the CPU with NCHW inputs; the Trainer may leave the model on a GPU or channels-last
     pruned = pruned.cpu().to(memory_format=torch.contiguous_format).eval()
@@ -225,7 +228,14 @@ def prune_detector(
         "round_to": 8,
         "params_before": params(model),
         "params_after": params(pruned),
-        "finetune": {"seconds": finetune_s, "lr": lr, "crop": cfg.crop, "batch_size": cfg.batch_size, **run},
+        "finetune": {
+            "seconds": finetune_s,
+            "lr": lr,
+            "same_pair": same_pair,
+            "crop": cfg.crop,
+            "batch_size": cfg.batch_size,
+            **run,
+        },  # fmt: skip
     }
     return pruned, stats
 
@@ -352,6 +362,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--prune", type=float, default=None, metavar="RATE", help="channel-prune by RATE, then fine-tune")
     p.add_argument("--finetune-s", type=float, default=600.0, help="seconds of fine-tuning after --prune")
     p.add_argument("--finetune-lr", type=float, default=1e-3)
+    p.add_argument("--finetune-same-pair", type=float, default=0.25, help="share of same pairs in the fine-tune")
     p.add_argument("--name", default=None, help="registry name (default: the source's name + '-edge')")
     p.add_argument("--alias", action="append", default=None, help="alias for the export (default: production)")
     p.add_argument("--registry-root", type=Path, default=None)
@@ -374,7 +385,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     pruning = None
     if args.prune is not None:
         pruned, pruning = prune_detector(src.model, train_records, rate=args.prune, finetune_s=args.finetune_s,
-                                         calibration=calibration, lr=args.finetune_lr)  # fmt: skip
+                                         calibration=calibration, lr=args.finetune_lr,
+                                         same_pair=args.finetune_same_pair)  # fmt: skip
         pruning.update(split=args.split, list=str(list_file))
         src = dataclasses.replace(src, model=pruned)
     export = export_edge(src.model, args.out, variant=args.variant, calibration=calibration)

@@ -6,6 +6,7 @@ import io
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -130,16 +131,30 @@ def test_keel_eval_scores_the_export(edge: Edge, trained: Trained) -> None:
     assert set(result["metrics"]) >= {"map50", "map50_per_class", "f_score_iou033"}
 
 
-def test_cli_prunes_fine_tunes_and_registers_the_smaller_export(trained: Trained, tmp_path: Path) -> None:
+def test_cli_prunes_fine_tunes_and_registers_the_smaller_export(
+    trained: Trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import apps.pcb_inspection.train as train_module
+
+    shares: list[float] = []  # same_pair of each training data set built
+
+    class Data(train_module.PcbDataset):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            shares.append(kwargs["same_pair"])
+
+    monkeypatch.setattr(train_module, "PcbDataset", Data)
     out = tmp_path / "pruned.onnx"
     argv = ["--model", trained.ref, "--out", str(out), "--list", str(trained.list_file), "--split", "none"]
     argv += ["--variant", "fp32", "--prune", "0.5", "--finetune-s", "1", "--calibration-pairs", "2"]
     summary = main([*argv, "--registry-root", str(trained.registry_root), "--name", "pcb-pruned"])
+    assert shares == [0.25]  # the fine-tune keeps the detector comparing (same pairs, as in training)
     registry = ModelRegistry(trained.registry_root)
     mv, state = registry.load(summary["registered"])
     pruning = mv.config["pruning"]
     assert mv.parent == registry.get(trained.ref).ref and pruning["rate"] == 0.5
     assert pruning["params_after"] < 0.6 * pruning["params_before"]
+    assert pruning["finetune"]["same_pair"] == 0.25
     assert pruning["finetune"]["steps"] >= 1 and summary["export"]["parity"]["max_tol_ratio"] <= 1
     src = load_source(trained.ref, registry=registry)
     stem = onnx.load(str(out)).graph.initializer
