@@ -208,11 +208,8 @@ def fit(
         )
         return model, stats
     from core.training import Trainer
+    from core.training.speed import SpeedConfig
 
-    try:  # the speed switches landed with issue #3; older trees train without them
-        from core.training.speed import SpeedConfig
-    except ImportError:
-        SpeedConfig = None  # type: ignore[assignment,misc]  # noqa: N806
     torch.manual_seed(cfg.seed)
     model = (create_model(cfg.model) if model is None else model).train()
     data = PcbDataset(
@@ -235,8 +232,6 @@ def fit(
         pin_memory=torch.cuda.is_available(),
     )
     budget = TimeBudget(lr=cfg.lr, budget_s=cfg.budget_s, max_steps=cfg.max_steps, warmup_frac=cfg.warmup_frac)
-    # Keel's speed defaults would torch.compile the model on a GPU: its compile time would eat a short budget.
-    speed = {"speed": SpeedConfig(compile=False)} if SpeedConfig is not None else {}
     trainer = Trainer(
         model,
         loss_fn=functools.partial(_loss, giou_weight=cfg.giou_weight),
@@ -252,7 +247,7 @@ def fit(
         progress=cfg.progress,
         log_every_n_steps=max(1, min(25, len(loader))),
         callbacks=[budget],
-        **speed,
+        speed=SpeedConfig(compile=False),  # Keel's default torch.compile on a GPU would eat a short budget
     )
     t0 = time.monotonic()
     result = trainer.train(loader, batch_size=cfg.batch_size)
