@@ -235,7 +235,7 @@ def prune_detector(
             "crop": cfg.crop,
             "batch_size": cfg.batch_size,
             **run,
-        },  # fmt: skip
+        },
     }
     return pruned, stats
 
