@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,3 +36,19 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     )
     version, report = main(cfg)
     return Trained(list_file, root / "registry", version.ref, report)
+
+
+@pytest.fixture
+def same_pair_shares(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The ``same_pair`` share of every training data set that ``train.fit`` builds, in order."""
+    import apps.pcb_inspection.train as train_module
+
+    shares: list[float] = []
+
+    class Spy(train_module.PcbDataset):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            shares.append(kwargs["same_pair"])
+
+    monkeypatch.setattr(train_module, "PcbDataset", Spy)
+    return shares

@@ -6,7 +6,6 @@ import io
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -132,23 +131,13 @@ def test_keel_eval_scores_the_export(edge: Edge, trained: Trained) -> None:
 
 
 def test_cli_prunes_fine_tunes_and_registers_the_smaller_export(
-    trained: Trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    trained: Trained, tmp_path: Path, same_pair_shares: list[float]
 ) -> None:
-    import apps.pcb_inspection.train as train_module
-
-    shares: list[float] = []  # same_pair of each training data set built
-
-    class Data(train_module.PcbDataset):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            shares.append(kwargs["same_pair"])
-
-    monkeypatch.setattr(train_module, "PcbDataset", Data)
     out = tmp_path / "pruned.onnx"
     argv = ["--model", trained.ref, "--out", str(out), "--list", str(trained.list_file), "--split", "none"]
     argv += ["--variant", "fp32", "--prune", "0.5", "--finetune-s", "1", "--calibration-pairs", "2"]
     summary = main([*argv, "--registry-root", str(trained.registry_root), "--name", "pcb-pruned"])
-    assert shares == [0.25]  # the fine-tune keeps the detector comparing (same pairs, as in training)
+    assert same_pair_shares == [0.25]  # the fine-tune keeps the detector comparing (same pairs, as in training)
     registry = ModelRegistry(trained.registry_root)
     mv, state = registry.load(summary["registered"])
     pruning = mv.config["pruning"]

@@ -87,7 +87,7 @@ def test_training_goes_on_from_a_registered_model_with_lineage(trained: Trained)
 
 
 def test_a_second_stage_restarts_at_half_the_lr_with_same_pairs(
-    trained: Trained, monkeypatch: pytest.MonkeyPatch
+    trained: Trained, monkeypatch: pytest.MonkeyPatch, same_pair_shares: list[float]
 ) -> None:
     import apps.pcb_inspection.train as train_module
 
@@ -96,17 +96,9 @@ def test_a_second_stage_restarts_at_half_the_lr_with_same_pairs(
     class Spy(train_module.TimeBudget):
         def __init__(self, **kwargs: Any) -> None:
             super().__init__(**kwargs)
-            seen.append((dataset_same_pair[-1], kwargs["lr"]))
-
-    dataset_same_pair: list[float] = []
-
-    class Data(train_module.PcbDataset):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            dataset_same_pair.append(kwargs["same_pair"])
+            seen.append((same_pair_shares[-1], kwargs["lr"]))
 
     monkeypatch.setattr(train_module, "TimeBudget", Spy)
-    monkeypatch.setattr(train_module, "PcbDataset", Data)
     cfg = PcbTrainConfig(list_file=str(trained.list_file), crop=32, batch_size=2, budget_s=2.0, stage2_frac=0.5,
                          lr=1e-3, precision="32", progress=False, register_as=None)  # fmt: skip
     _, report = main(cfg)
