@@ -21,7 +21,7 @@ __all__ = ["APP", "DEMO_SIMULATOR"]
 
 #: The per-card sequence model's demo recipe: 2 networks x 10 epochs instead of 8 x 40, about a minute on 2 cores
 #: (the full recipe takes over 10 minutes there; run it with ``keel train fraud --source simulator``).
-DEMO_SIMULATOR = {"members": 2, "epochs": 10}
+DEMO_SIMULATOR: dict[str, Any] = {"members": 2, "epochs": 10}
 
 
 def train(

@@ -220,9 +220,10 @@ def restore(processor: FraudStreamProcessor) -> int:
     start, alerts_start = (snap["offsets"], snap["alerts_end"]) if snap else (None, None)
     for batch in bus.read(processor.alerts_topic, start=alerts_start):
         for a in batch:
-            key = (a.value.get("source_topic"), a.value.get("source_partition"))
-            if key[0] == topic and isinstance(a.value.get("source_offset"), int):
-                processor.alerted_upto[key] = max(processor.alerted_upto.get(key, -1), a.value["source_offset"])
+            partition, offset = a.value.get("source_partition"), a.value.get("source_offset")
+            if a.value.get("source_topic") == topic and isinstance(partition, int) and isinstance(offset, int):
+                key = (topic, partition)
+                processor.alerted_upto[key] = max(processor.alerted_upto.get(key, -1), offset)
     replayed = 0
     for batch in bus.read(topic, start=start, end=committed):
         _, items, _ = _parse(batch)
@@ -282,7 +283,7 @@ def _save_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
+        np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub matches **kwargs to allow_pickle
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -66,13 +66,13 @@ def _walk_block(
 @numba.njit(cache=True, nogil=True)
 def _walk_serial(x: np.ndarray, score: np.ndarray, *arrays: Any) -> None:  # pragma: no cover - compiled
     for block in range((x.shape[0] + _ROW_BLOCK - 1) // _ROW_BLOCK):
-        _walk_block(block * _ROW_BLOCK, min(x.shape[0], (block + 1) * _ROW_BLOCK), x, *arrays, score)
+        _walk_block(block * _ROW_BLOCK, min(x.shape[0], (block + 1) * _ROW_BLOCK), x, *arrays, score)  # type: ignore[call-arg]
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
 def _walk_parallel(x: np.ndarray, score: np.ndarray, *arrays: Any) -> None:  # pragma: no cover - compiled
     for block in numba.prange((x.shape[0] + _ROW_BLOCK - 1) // _ROW_BLOCK):
-        _walk_block(block * _ROW_BLOCK, min(x.shape[0], (block + 1) * _ROW_BLOCK), x, *arrays, score)
+        _walk_block(block * _ROW_BLOCK, min(x.shape[0], (block + 1) * _ROW_BLOCK), x, *arrays, score)  # type: ignore[call-arg]
 
 
 class TreeEnsemble(nn.Module):

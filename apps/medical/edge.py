@@ -41,9 +41,10 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -51,7 +52,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from apps.medical.data import XraySplit, augment_batch, load_split
-from apps.medical.model import MedicalNet, MedicalPredictor, load_predictor
+from apps.medical.model import MedicalNet, MedicalPredictor, Trunk, load_predictor
 from apps.medical.train import MedicalTrainConfig, balanced_bce, calibrate, fit_member, split_labelled
 from core.registry import ModelRegistry, ModelVersion
 
@@ -75,6 +76,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+_M = TypeVar("_M", bound=nn.Module)
 
 EDGE_NAME = "medical-edge"
 VARIANTS = (
@@ -112,6 +114,9 @@ class EdgeConfig:
 
 class Prepare(nn.Module):
     """Greyscale (B, 1, H, W) in [0, 1] -> (B, 3, S, S) normalised: :meth:`MedicalNet.prepare` as a module."""
+
+    mean: torch.Tensor  # buffers, registered in __init__
+    std: torch.Tensor
 
     def __init__(self, net: MedicalNet) -> None:
         super().__init__()
@@ -232,7 +237,8 @@ def prune_and_finetune(
         round_to=cfg.prune_round_to,
     )
     core = pruner.prune()
-    small.trunk, small.head = core.trunk, core.head  # the pruned copies (Trunk.stages point into them)
+    # the pruned copies of the LogitCore's parts (Trunk.stages point into them)
+    small.trunk, small.head = cast(Trunk, core.trunk), cast(nn.Sequential, core.head)
     if cfg.finetune_epochs > 0:
         ft = dataclasses.replace(
             recipe, finetune_epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, min_steps=0, progress=False, seed=cfg.seed
@@ -335,17 +341,18 @@ def build_variants(
     if recipe.data_path is None:
         raise ValueError(f"{source} records no training data path; cannot rebuild its held-out images")
     _, fit, held = split_labelled(load_split(recipe.data_path, recipe.split), recipe)
-    net = predictor.nets[0]
+    net = predictor.medical_nets[0]
     calib = fit.images[np.random.default_rng(cfg.seed).choice(len(fit), min(len(fit), cfg.calibration_images), False)]
     example = _images(fit.images[:16])
     wanted = set(cfg.variants)
     modules: dict[str, nn.Module] = {"fp32": split_net(net), "onnx": split_net(net)}
     timings: dict[str, float] = {}
 
-    def timed(name: str, build: Any) -> None:
+    def timed(name: str, build: Callable[[], _M]) -> _M:
         start = time.perf_counter()
-        modules[name] = build()
+        modules[name] = built = build()
         timings[name] = time.perf_counter() - start
+        return built
 
     if "int8_ptq" in wanted:
         timed("int8_ptq", lambda: quantize(split_net(net), calib))
@@ -354,13 +361,13 @@ def build_variants(
     if "int8_qat" in wanted:
         timed("int8_qat", lambda: quantize_aware(split_net(net), fit, recipe, cfg))
     if wanted & {"pruned", "pruned_int8_ptq", "pruned_int8_ort", "pruned_int8_qat"}:
-        timed("pruned", lambda: split_net(prune_and_finetune(net, fit, held, recipe, cfg)))
-    if "pruned_int8_ptq" in wanted:
-        timed("pruned_int8_ptq", lambda: quantize(modules["pruned"], calib))
-    if "pruned_int8_ort" in wanted:
-        modules["pruned_int8_ort"] = modules["pruned"]
-    if "pruned_int8_qat" in wanted:
-        timed("pruned_int8_qat", lambda: quantize_aware(modules["pruned"], fit, recipe, cfg))
+        pruned = timed("pruned", lambda: split_net(prune_and_finetune(net, fit, held, recipe, cfg)))
+        if "pruned_int8_ptq" in wanted:
+            timed("pruned_int8_ptq", lambda: quantize(pruned, calib))
+        if "pruned_int8_ort" in wanted:
+            modules["pruned_int8_ort"] = pruned
+        if "pruned_int8_qat" in wanted:
+            timed("pruned_int8_qat", lambda: quantize_aware(pruned, fit, recipe, cfg))
     out = []
     for name in cfg.variants:
         eager = modules[name]
@@ -467,7 +474,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     recipe = MedicalTrainConfig(**{**version.config["recipe"], "registry_root": None})
     folder = Path(tempfile.mkdtemp(prefix="keel-medical-edge-"))
     built = build_variants(load_predictor(version, state), recipe, cfg, folder, source=version.ref)
-    scored = load_split(args.data or recipe.data_path, args.split)
+    data = args.data or recipe.data_path
+    if data is None:
+        raise SystemExit(f"{version.ref} records no data path: pass --data FILE.npz")
+    scored = load_split(data, args.split)
     out = []
     for v in built:
         metrics = predictor_metrics(v.predictor, scored.images, scored.labels)

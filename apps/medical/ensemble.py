@@ -131,13 +131,14 @@ def _register(
 
     first = versions[0]
     refs = [v.ref for v in versions]
-    archs = list(dict.fromkeys(net.cfg.architecture for net in predictor.nets))
+    nets = predictor.medical_nets
+    archs = list(dict.fromkeys(net.cfg.architecture for net in nets))
     recipe = dataclasses.asdict(dataclasses.replace(source_recipe(first), tta=predictor.tta))
     ensemble = {"of": refs, "source_calibration": [{"temperature": t, "bias": b} for t, b in calibrations]}
     config = {
         "kind": "medical",
-        "net": net_config_dict(predictor.nets[0].cfg),
-        "nets": [net_config_dict(net.cfg) for net in predictor.nets],
+        "net": net_config_dict(nets[0].cfg),
+        "nets": [net_config_dict(net.cfg) for net in nets],
         "backbone": first.config.get("backbone"),
         "train": {**first.config["train"], "holdout_metrics": metrics, "ensemble": ensemble},
         "recipe": recipe,

@@ -15,7 +15,7 @@ fine-tuned network, so rebuilding it needs only the architecture string.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -95,7 +95,7 @@ BACKBONES: Registry[Callable[[str, dict[str, Any]], tuple[Trunk, int]]] = Regist
 def _timm_trunk(name: str, kwargs: dict[str, Any]) -> tuple[Trunk, int]:
     import timm
 
-    body = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    body: Any = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)  # timm's API is untyped
     return Trunk(body, _stages(body), body.forward_features), int(body.num_features)
 
 
@@ -115,6 +115,9 @@ def _torchvision_trunk(name: str, kwargs: dict[str, Any]) -> tuple[Trunk, int]:
 
 class MedicalNet(nn.Module):
     """Greyscale image (B, 1, H, W) in [0, 1] -> pneumonia logit (B,)."""
+
+    mean: torch.Tensor  # buffers, registered in __init__
+    std: torch.Tensor
 
     def __init__(self, cfg: MedicalNetConfig) -> None:
         super().__init__()
@@ -211,7 +214,7 @@ class MedicalPredictor:
 
     def __init__(
         self,
-        nets: list[MedicalNet],
+        nets: Sequence[nn.Module],
         *,
         temperature: float = 1.0,
         train_prior: float = 0.5,
@@ -269,6 +272,13 @@ class MedicalPredictor:
     def supports_saliency(self) -> bool:
         """Grad-CAM needs PyTorch networks (an edge export on ONNX Runtime / TorchScript has no gradients)."""
         return all(isinstance(n, MedicalNet) for n in self.nets)
+
+    @property
+    def medical_nets(self) -> list[MedicalNet]:
+        """The members as PyTorch :class:`MedicalNet` s (their configs, trunks); an edge export has none."""
+        if not self.supports_saliency:
+            raise TypeError("this predictor runs an exported (edge) model, not PyTorch MedicalNets")
+        return [n for n in self.nets if isinstance(n, MedicalNet)]
 
     def calibrated(self, logits: torch.Tensor, *, prior: float | None = None) -> torch.Tensor:
         """P(pneumonia) for the training prior (or ``prior``), from uncalibrated logits."""

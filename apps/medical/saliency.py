@@ -8,18 +8,21 @@ evidence is). Gradients of the pneumonia logit, averaged over space, weight that
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from apps.medical.model import MedicalNet
+
 __all__ = ["cam_stage", "gradcam", "overlay_png"]
 
 _MIN_CAM_SIDE = 4
 
 
-def cam_stage(net: nn.Module) -> nn.Module:
+def cam_stage(net: MedicalNet) -> nn.Module:
     """The deepest stage of ``net.trunk`` whose output is at least 4x4 at the input size (found by a dry run)."""
     cached = getattr(net, "_cam_stage", None)
     if cached is not None:
@@ -41,13 +44,15 @@ def cam_stage(net: nn.Module) -> nn.Module:
     return stage
 
 
-def gradcam(nets: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
+def gradcam(nets: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
     """Grad-CAM of the pneumonia logit for images (B, 1, H, W) in [0, 1] -> (B, H, W) in [0, 1].
 
     With several networks (an ensemble) their maps are averaged.
     """
     total = torch.zeros(x.shape[0], *x.shape[-2:])
     for net in nets:
+        if not isinstance(net, MedicalNet):
+            raise TypeError(f"Grad-CAM needs PyTorch MedicalNets, got {type(net).__name__}")
         acts: list[torch.Tensor] = []
         hook = cam_stage(net).register_forward_hook(lambda m, i, o, store=acts: store.append(o))
         try:

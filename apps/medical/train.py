@@ -327,7 +327,7 @@ def main(cfg: MedicalTrainConfig) -> ModelVersion:
     start = time.perf_counter()
     predictor, info, backbone = fit_predictor(data, cfg, registry)
     seconds = time.perf_counter() - start
-    net_cfg = predictor.nets[0].cfg
+    net_cfg = predictor.medical_nets[0].cfg
     fingerprint = fingerprint_file(path)
     config = {
         "kind": "medical",

@@ -93,14 +93,16 @@ class PcbDetector(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.hparams = asdict(cfg)
-        self.backbone = timm.create_model(cfg.backbone, features_only=True, in_chans=2, pretrained=False)
-        reductions = self.backbone.feature_info.reduction()
+        backbone: Any = timm.create_model(cfg.backbone, features_only=True, in_chans=2, pretrained=False)  # untyped
+        self.backbone = backbone
+        reductions = backbone.feature_info.reduction()
         self.levels = [reductions.index(r) for r in (4, 8, 16, 32)]
-        channels = self.backbone.feature_info.channels()
+        channels = backbone.feature_info.channels()
         self.fpn = _Fpn([channels[i] for i in self.levels], cfg.fpn_channels)
         c, h = cfg.fpn_channels, cfg.head_channels
         self.trunk = nn.Sequential(nn.Conv2d(c, h, 3, padding=1, bias=False), nn.BatchNorm2d(h), nn.ReLU(inplace=True))
         self.heatmap = nn.Conv2d(h, cfg.num_classes, 1)
+        assert self.heatmap.bias is not None  # Conv2d's default bias=True
         self.size = nn.Conv2d(h, 2, 1)
         self.offset = nn.Conv2d(h, 2, 1)
         nn.init.constant_(self.heatmap.bias, -math.log((1 - 0.01) / 0.01))  # prior 0.01: stable focal loss start
@@ -329,10 +331,10 @@ class PcbPredictor:
         for i, (test, _) in enumerate(items):
             by_shape.setdefault(test.shape, []).append(i)
         for idx in by_shape.values():  # one forward pass per image size
-            pairs = [
-                np.stack([binarize(items[i][0]), binarize(items[i][1] if items[i][1] is not None else items[i][0])])
-                for i in idx
-            ]
+            pairs = []
+            for i in idx:
+                test, template = items[i]
+                pairs.append(np.stack([binarize(test), binarize(template if template is not None else test)]))
             has = torch.tensor([items[i][1] is not None for i in idx])
             for i, d in zip(idx, self.detect(torch.from_numpy(np.stack(pairs)), has), strict=True):
                 d = d.above(self.score_threshold)

@@ -25,7 +25,7 @@ import copy
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +65,10 @@ def _channel_scores(x: torch.Tensor, axis: int) -> torch.Tensor:
     return x.detach().float().transpose(axis, -1).reshape(-1, x.shape[axis]).mean(0)
 
 
-class ChannelPruner:
+_M = TypeVar("_M", bound=nn.Module)
+
+
+class ChannelPruner(Generic[_M]):
     """Removes ``pruning_rate`` of the channels of every prunable group of ``model``.
 
     Args:
@@ -81,7 +84,7 @@ class ChannelPruner:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: _M,
         pruning_rate: float = 0.5,
         metric: str = "activation_magnitude",
         *,
@@ -110,8 +113,8 @@ class ChannelPruner:
         self.pruned_fraction: float = 0.0
         self.masks: dict[str, torch.Tensor] = {}  # after prune(): module name -> kept output channels
 
-    def prune(self) -> nn.Module:
-        """A pruned copy of the model (physically smaller), checked to run and give the same output shape."""
+    def prune(self) -> _M:
+        """A pruned copy of the model (same class, physically smaller), checked to run and keep its output shape."""
         model = copy.deepcopy(self.model).eval()
         with torch.no_grad():
             before = _output_shapes(model(self.example_input))
