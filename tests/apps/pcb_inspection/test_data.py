@@ -122,6 +122,12 @@ def test_training_items_are_augmented_with_boxes_inside(tmp_path: Path) -> None:
     assert 5 < sum(flags) < 35  # template dropout happens, not always
 
 
+def test_template_dropout_one_never_gives_a_template(tmp_path: Path) -> None:
+    records = read_list(write_synthetic_set(tmp_path, n=4, size=128, ext="png"))
+    data = PcbDataset(records, train=True, crop=64, max_shift=4, template_dropout=1.0, seed=0)
+    assert not any(data[i % 4][1] for i in range(40))  # a test-image-only detector's training items
+
+
 def test_same_pairs_show_the_test_image_twice_and_have_no_boxes(tmp_path: Path) -> None:
     records = read_list(write_synthetic_set(tmp_path, n=4, size=128, ext="png"))
     assert all(len(r.classes) for r in records)

@@ -69,6 +69,8 @@ def test_random_split_and_recipes() -> None:
         PcbTrainConfig(split="boards")
     with pytest.raises(ValueError, match="budget_s"):
         PcbTrainConfig(budget_s=None, max_steps=-1)
+    with pytest.raises(ValueError, match="template_dropout"):
+        PcbTrainConfig(template_dropout=1.5)
     assert split_records([], split="none", holdout=0.2, seed=0) == ([], [])
 
 
@@ -168,3 +170,22 @@ def test_keel_train_cli_registers_the_demo_recipe(trained: Trained) -> None:
     last = json.loads(out.output.strip().splitlines()[-1])
     assert last["registered"] == "pcb_inspection@1" and last["split"] == "none" and last["n_train"] == 6
     assert ModelRegistry().get("pcb_inspection@production").config["train"]["budget_s"] == 1.0
+
+
+def test_a_detector_trained_without_templates_is_scored_without_them(
+    trained: Trained, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import apps.pcb_inspection.train as train_module
+
+    seen: list[bool] = []
+    real = train_module.detect_records
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs.get("with_template", True))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "detect_records", spy)
+    cfg = PcbTrainConfig(list_file=str(trained.list_file), crop=32, batch_size=2, budget_s=None, max_steps=1,
+                         template_dropout=1.0, precision="32", progress=False, register_as=None)  # fmt: skip
+    _, report = main(cfg)
+    assert report["scored_with_template"] is False and seen == [False]
