@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 
 from apps.medical.train import MedicalTrainConfig
+from tests.utils.benchmarks import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    path = Path(__file__).resolve().parents[3] / "benchmarks" / "medical_quality.py"
-    spec = importlib.util.spec_from_file_location("medical_quality_bench", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    before = list(sys.path)
-    try:
-        spec.loader.exec_module(module)  # it puts benchmarks/ first on sys.path (for _common): undone after
-    finally:
-        sys.path[:] = before
-    return module
+    return load_benchmark("medical_quality")
 
 
 def test_every_profile_gives_valid_recipes_and_names_its_variants(bench: ModuleType) -> None:

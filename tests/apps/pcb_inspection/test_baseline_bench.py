@@ -3,9 +3,7 @@ and the whole path (train under a budget, score with the app's metrics, time) on
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any
@@ -15,20 +13,12 @@ import torch
 from torch import nn
 
 from apps.pcb_inspection.data import PcbDataset, read_list, write_synthetic_set
+from tests.utils.benchmarks import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    path = Path(__file__).resolve().parents[3] / "benchmarks" / "pcb_baseline.py"
-    spec = importlib.util.spec_from_file_location("pcb_baseline_bench", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    before = list(sys.path)
-    try:
-        spec.loader.exec_module(module)  # it puts the repository first on sys.path: undone after
-    finally:
-        sys.path[:] = before
-    return module
+    return load_benchmark("pcb_baseline")
 
 
 class _Recorder(nn.Module):
