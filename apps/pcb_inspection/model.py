@@ -306,16 +306,21 @@ class PcbPredictor:
         model: the detector (eval mode), PyTorch or an export (:class:`LiteDetector`).
         score_threshold: detections below it are dropped by :meth:`predict_batch`.
         device: where the model runs.
+        use_template: False for a detector trained without templates (``template_dropout=1.0``): it is never
+            given one, so a template passed in changes nothing.
     """
 
     model: Detector
     score_threshold: float = 0.3
     device: torch.device | str = "cpu"
+    use_template: bool = True
 
     @torch.no_grad()
     def detect(self, images: torch.Tensor, has_template: torch.Tensor) -> list[Detections]:
         """(B, 2, H, W) {0,1} pairs, (B,) bool -> every decoded peak per image (no threshold), in input pixels."""
         h, w = images.shape[-2:]
+        if not self.use_template:
+            has_template = torch.zeros_like(has_template)
         x = _pad32(to_input(images.to(self.device), has_template.to(self.device)))
         cfg = self.model.cfg
         dets = decode(self.model(x), k=cfg.max_detections, nms_iou=cfg.nms_iou)
@@ -354,8 +359,10 @@ def load_predictor(version: Any, state: dict[str, Any], *, threads: int | None =
     cfg = version.config
     net = PcbDetectorConfig(**cfg["net"])
     threshold = float(cfg.get("score_threshold", 0.3))
+    use_template = float(cfg.get("train", {}).get("template_dropout", 0.0)) < 1.0  # see PcbPredictor
     if str(version.architecture).startswith("lite."):
-        return PcbPredictor(LiteDetector(LiteModel.from_state(version, state, threads=threads), net), threshold)
+        lite = LiteDetector(LiteModel.from_state(version, state, threads=threads), net)
+        return PcbPredictor(lite, threshold, use_template=use_template)
     model = PcbDetector(net)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
-    return PcbPredictor(model.eval(), score_threshold=threshold)
+    return PcbPredictor(model.eval(), score_threshold=threshold, use_template=use_template)

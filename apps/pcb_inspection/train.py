@@ -60,7 +60,7 @@ class PcbTrainConfig:
     holdout: float = 0.2
     crop: int = 256  # side of the random training crops (the detector is fully convolutional)
     max_shift: int = 8  # template misregistration in training, px along each axis
-    template_dropout: float = 0.1  # 1.0: never a template, a test-image-only detector (scored without templates)
+    template_dropout: float = 0.1  # 1.0: never a template: a test-image-only detector, which then ignores templates
     same_pair: float = 0.0  # share of items whose template is their own test image, boxes dropped (data.PcbDataset)
     # Second stage: the last stage2_frac of the budget restarts warm-up + cosine at stage2_lr (None: lr / 2) with
     # stage2_same_pair same pairs, which teach a detector trained on looks to compare with the template.
@@ -286,16 +286,16 @@ def main(cfg: PcbTrainConfig) -> tuple[Any, dict[str, Any]]:
         log.info("training goes on from %s", source.source)
     model, stats = fit(cfg, train_records, model=None if source is None else source.model)
     device = "cuda" if cfg.accelerator != "cpu" and torch.cuda.is_available() else "cpu"
-    predictor = PcbPredictor(model.to(device), score_threshold=cfg.score_threshold, device=device)
-    with_template = cfg.template_dropout < 1.0  # a detector trained without templates is scored without them
-    dets = detect_records(predictor, held, with_template=with_template) if held else []
-    metrics = pcb_metrics(dets, held, threshold=cfg.score_threshold) if held else {}
+    predictor = PcbPredictor(
+        model.to(device), score_threshold=cfg.score_threshold, device=device, use_template=cfg.template_dropout < 1.0
+    )
+    metrics = pcb_metrics(detect_records(predictor, held), held, threshold=cfg.score_threshold) if held else {}
     report = {
         "split": cfg.split,
         "held_out_groups": held_groups,
         "n_train": len(train_records),
         "n_held_out": len(held),
-        "scored_with_template": with_template,
+        "scored_with_template": predictor.use_template,
     }
     report.update(train=stats, metrics=metrics)
     if cfg.register_as is None:

@@ -6,11 +6,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from apps.pcb_inspection.evaluate import evaluate
+from apps.pcb_inspection.data import read_list
+from apps.pcb_inspection.evaluate import detect_records, evaluate
+from apps.pcb_inspection.model import load_predictor
 from apps.pcb_inspection.train import RECIPES, PcbTrainConfig, _parse, main, split_records
 from core.cli import build_cli
 from core.registry import ModelRegistry
@@ -172,20 +175,18 @@ def test_keel_train_cli_registers_the_demo_recipe(trained: Trained) -> None:
     assert ModelRegistry().get("pcb_inspection@production").config["train"]["budget_s"] == 1.0
 
 
-def test_a_detector_trained_without_templates_is_scored_without_them(
-    trained: Trained, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import apps.pcb_inspection.train as train_module
-
-    seen: list[bool] = []
-    real = train_module.detect_records
-
-    def spy(*args: Any, **kwargs: Any) -> Any:
-        seen.append(kwargs.get("with_template", True))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "detect_records", spy)
+def test_a_detector_trained_without_templates_never_gets_one(trained: Trained) -> None:
     cfg = PcbTrainConfig(list_file=str(trained.list_file), crop=32, batch_size=2, budget_s=None, max_steps=1,
-                         template_dropout=1.0, precision="32", progress=False, register_as=None)  # fmt: skip
-    _, report = main(cfg)
-    assert report["scored_with_template"] is False and seen == [False]
+                         template_dropout=1.0, precision="32", progress=False, register_as="pcb-test-only",
+                         registry_root=str(trained.registry_root))  # fmt: skip
+    version, report = main(cfg)
+    assert report["scored_with_template"] is False
+    registry = ModelRegistry(trained.registry_root)
+    predictor = load_predictor(*registry.load(version.ref))
+    assert not predictor.use_template
+    records = read_list(trained.list_file)[:2]
+    with_templates = detect_records(predictor, records)
+    without = detect_records(predictor, records, with_template=False)
+    for a, b in zip(with_templates, without, strict=True):  # a template passed in changes nothing
+        assert np.array_equal(a.scores, b.scores) and np.array_equal(a.boxes, b.boxes)
+    assert load_predictor(*registry.load(trained.ref)).use_template  # the usual model compares
