@@ -32,12 +32,11 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
 
 from apps.pcb_inspection.data import PcbDataset, collate, read_list  # noqa: E402
 from apps.pcb_inspection.evaluate import pcb_metrics, prf_at_iou  # noqa: E402
 from apps.pcb_inspection.model import Detections  # noqa: E402
-from apps.pcb_inspection.train import TimeBudget, split_records  # noqa: E402
+from apps.pcb_inspection.train import PcbTrainConfig, split_records, train_on_pairs  # noqa: E402
 from benchmarks._common import print_table, write_json  # noqa: E402
 
 log = logging.getLogger("pcb_baseline")
@@ -82,7 +81,7 @@ def train(
     *,
     budget_s: float | None,
     max_steps: int = -1,
-    crop: int | None,
+    crop: int,
     batch_size: int,
     lr: float,
     precision: str,
@@ -90,50 +89,26 @@ def train(
     workers: int,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Trains ``model`` in place through Keel's Trainer under a wall-clock (or step) budget; returns run stats."""
-    from core.training import Trainer
-    from core.training.speed import SpeedConfig
-
-    torch.manual_seed(seed)
-    data = PcbDataset(records, train=True, crop=crop, seed=seed)  # no template shift / dropout: no template
-    loader = DataLoader(
-        data,
+    """Trains ``model`` in place as Keel's detector is trained (the same loader, Trainer and budget schedule);
+    returns run stats."""
+    cfg = PcbTrainConfig(
+        model=type(model).__name__,
+        crop=crop,
+        max_shift=0,  # no template: no misregistration or dropout to simulate
+        template_dropout=0.0,
         batch_size=batch_size,
-        shuffle=True,
-        drop_last=len(data) >= batch_size,
-        collate_fn=collate,
-        num_workers=workers,
-        persistent_workers=workers > 0,
-        pin_memory=torch.cuda.is_available(),
-    )
-    budget = TimeBudget(lr=lr, budget_s=budget_s, max_steps=max_steps, warmup_frac=0.03)
-    trainer = Trainer(
-        model,
-        loss_fn=_loss,
-        precision=precision,
-        max_epochs=100_000,  # the budget callback ends the run
-        max_steps=max_steps,
         lr=lr,
-        weight_decay=1e-4,
-        scheduler="none",
-        seed=seed,
+        budget_s=budget_s,
+        max_steps=max_steps,
+        precision=precision,
         accelerator=accelerator,
+        num_workers=workers,
+        seed=seed,
+        register_as=None,
         progress=False,
-        log_every_n_steps=max(1, min(25, len(loader))),
-        callbacks=[budget],
-        speed=SpeedConfig(compile=False),
     )
-    t0 = time.monotonic()
-    result = trainer.train(loader, batch_size=batch_size)
-    seconds = time.monotonic() - t0
-    return {
-        "steps": result.global_step,
-        "epochs": round(result.global_step * batch_size / max(1, len(records)), 1),
-        "train_seconds": round(seconds, 1),
-        "images_per_s": round(result.global_step * batch_size / max(seconds, 1e-9), 1),
-        "precision": result.precision.name,
-        "train_loss": result.metrics.get("train_loss"),
-    }
+    torch.manual_seed(seed)
+    return train_on_pairs(model.train(), cfg, list(records), loss_fn=_loss)
 
 
 @torch.no_grad()
@@ -239,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         train_records,
         budget_s=args.budget_s,
         max_steps=args.max_steps,
-        crop=crop if crop < 640 else None,
+        crop=crop,
         batch_size=batch_size,
         lr=args.lr,
         # fp16 on the GPU, as the issue's baseline; on a CPU Keel's own choice, as for its detector (bf16-mixed here)

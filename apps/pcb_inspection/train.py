@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,16 @@ from apps.pcb_inspection.model import (
 )
 from core.utils.registry import Registry
 
-__all__ = ["RECIPES", "PcbTrainConfig", "TimeBudget", "fit", "import_weights", "main", "split_records"]
+__all__ = [
+    "RECIPES",
+    "PcbTrainConfig",
+    "TimeBudget",
+    "fit",
+    "import_weights",
+    "main",
+    "split_records",
+    "train_on_pairs",
+]
 
 log = logging.getLogger(__name__)
 
@@ -209,11 +219,26 @@ def fit(
             stages=[one, two],
         )
         return model, stats
-    from core.training import Trainer
-    from core.training.speed import SpeedConfig
-
     torch.manual_seed(cfg.seed)
     model = (create_model(cfg.model) if model is None else model).train()
+    stats = train_on_pairs(model, cfg, train_records, loss_fn=functools.partial(_loss, giou_weight=cfg.giou_weight))
+    return model.eval(), stats
+
+
+def train_on_pairs(
+    model: torch.nn.Module,
+    cfg: PcbTrainConfig,
+    train_records: list[PairRecord],
+    *,
+    loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
+) -> dict[str, Any]:
+    """Trains ``model`` in place on augmented ``train_records`` with ``loss_fn(model, batch)`` (batches from
+    :func:`~apps.pcb_inspection.data.collate`) through Keel's Trainer, under ``cfg``'s budget; returns run stats.
+    :func:`fit` runs Keel's detector through it, ``benchmarks/pcb_baseline.py`` a torchvision Faster R-CNN."""
+    from core.training import Trainer
+    from core.training.precision import PRECISIONS
+    from core.training.speed import SpeedConfig
+
     data = PcbDataset(
         train_records,
         train=True,
@@ -236,9 +261,10 @@ def fit(
     budget = TimeBudget(lr=cfg.lr, budget_s=cfg.budget_s, max_steps=cfg.max_steps, warmup_frac=cfg.warmup_frac)
     trainer = Trainer(
         model,
-        loss_fn=functools.partial(_loss, giou_weight=cfg.giou_weight),
+        loss_fn=loss_fn,
         precision=cfg.precision,
-        loss_scaling=None,  # fp32 / bf16 need no loss scale (fp16 is not used here)
+        # fp32 / bf16 need no loss scale; fp16 (the Faster R-CNN baseline on a GPU) does
+        loss_scaling="dynamic" if PRECISIONS.get(cfg.precision) == "16-mixed" else None,
         max_epochs=100_000,  # the budget callback ends the run
         max_steps=cfg.max_steps,
         lr=cfg.lr,
@@ -263,7 +289,7 @@ def fit(
         "train_loss": result.metrics.get("train_loss"),
     }
     log.info("trained %s: %s", cfg.model, stats)
-    return model.eval(), stats
+    return stats
 
 
 def main(cfg: PcbTrainConfig) -> tuple[Any, dict[str, Any]]:
